@@ -1,0 +1,223 @@
+"""Recursive FastMTP drafting as a transformers `CandidateGenerator`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation.candidate_generator import CandidateGenerator
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers.utils import ModelOutput
+
+    from .modeling_fastmtp import FastMTPForCausalLM
+
+
+@dataclass
+class FastMTPStats:
+    """What happened during one `generate(fastmtp=True)` call."""
+
+    num_draft_tokens: int
+    cycles: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    language: str | None = None
+    draft_vocab_size: int | None = None
+
+    def __post_init__(self):
+        if not self.drafted_per_position:
+            self.drafted_per_position = [0] * self.num_draft_tokens
+            self.accepted_per_position = [0] * self.num_draft_tokens
+
+    def record_cycle(self, num_drafted: int, num_accepted: int) -> None:
+        self.cycles += 1
+        for position in range(num_drafted):
+            self.drafted_per_position[position] += 1
+            self.accepted_per_position[position] += position < num_accepted
+
+    @property
+    def accepted_tokens(self) -> int:
+        return sum(self.accepted_per_position)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens produced per verification pass: accepted drafts plus the base model's own token."""
+        return (self.accepted_tokens + self.cycles) / self.cycles if self.cycles else 0.0
+
+    @property
+    def acceptance_cumulative(self) -> list[float]:
+        """P(drafts 1..k all accepted), per position k, over the cycles that drafted position k."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    @property
+    def acceptance_conditional(self) -> list[float]:
+        """P(draft k accepted | drafts 1..k-1 accepted), per position k."""
+        reached = [self.drafted_per_position[0]] + self.accepted_per_position[:-1]
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_per_position, reached)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_draft_tokens": self.num_draft_tokens,
+            "cycles": self.cycles,
+            "new_tokens": self.new_tokens,
+            "tau": self.tau,
+            "drafted_per_position": list(self.drafted_per_position),
+            "accepted_per_position": list(self.accepted_per_position),
+            "acceptance_cumulative": self.acceptance_cumulative,
+            "acceptance_conditional": self.acceptance_conditional,
+            "prefill_seconds": self.prefill_seconds,
+            "draft_seconds": self.draft_seconds,
+            "verify_seconds": self.verify_seconds,
+            "language": self.language,
+            "draft_vocab_size": self.draft_vocab_size,
+        }
+
+
+class FastMTPCandidateGenerator(CandidateGenerator):
+    """
+    Drafts `num_draft_tokens` tokens per cycle with the model's MTP head, applied recursively.
+
+    It needs the base model's last hidden states from the previous verification (`requires_model_outputs`), so on the
+    first iteration it proposes nothing and lets `generate` run the prefill. Each later call:
+      1. extends the head's own KV cache with the pairs (h_j, t_{j+1}) of every position verified since the last call,
+         after dropping the head's speculative entries of the last cycle (one forward);
+      2. recursively feeds the head its own output and its last draft, one position per step.
+
+    Args:
+        model: the [`FastMTPForCausalLM`] whose base verifies the drafts.
+        num_draft_tokens: K, the number of drafts per cycle.
+        generation_config: the call's generation config (`do_sample`, `max_length`).
+        logits_processor: the call's processors; drafts are chosen from processed logits so that, when sampling, the
+            returned candidate logits are exactly the distribution q each draft was drawn from.
+        draft_token_ids: optional 1-D tensor of token ids drafting is restricted to (vocabulary compression);
+            verification always uses the full vocabulary.
+    """
+
+    requires_model_outputs = True
+    # Only the last layer's hidden state is kept from the verification forward.
+    model_kwargs_overrides = {"output_hidden_states": -1}
+
+    def __init__(
+        self,
+        model: FastMTPForCausalLM,
+        num_draft_tokens: int,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None = None,
+        draft_token_ids: torch.LongTensor | None = None,
+    ):
+        self.model = model
+        self.num_draft_tokens = num_draft_tokens
+        self.do_sample = bool(generation_config.do_sample)
+        self.max_length = generation_config.max_length
+        self.logits_processor = logits_processor if logits_processor else None
+        self.draft_token_ids = draft_token_ids
+        self.head_cache = DynamicCache(config=model.head_config)
+        # Sliding-window layers (Mistral) must keep their past until the speculative entries are cropped.
+        self.head_cache.activate_past_recording()
+        self.head_cache_verified_length = 0
+        self.head_cache_speculative_length = 0
+        self.stats = FastMTPStats(
+            num_draft_tokens=num_draft_tokens,
+            draft_vocab_size=None if draft_token_ids is None else int(draft_token_ids.numel()),
+        )
+        self._num_drafted = 0
+        self._clock = time.perf_counter()
+
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict[str, Any] | None = None,
+        model_outputs: ModelOutput | None = None,
+        is_first_iteration: bool = False,
+        n_last_matches: int = 0,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        self._num_drafted = 0
+        if is_first_iteration:
+            self._clock = time.perf_counter()
+            return input_ids, None
+
+        start = self._synchronized_time()
+        cur_len = input_ids.shape[1]
+        max_drafts = min(self.num_draft_tokens, self.max_length - cur_len - 1)
+        if max_drafts <= 0:
+            return input_ids, None
+
+        hidden_states = model_outputs.hidden_states[-1]
+        # After the prefill every prompt position is new; afterwards, the accepted drafts plus the verified token.
+        num_new = hidden_states.shape[1] if self.head_cache_verified_length == 0 else n_last_matches + 1
+        # Pair j holds (h_j, t_{j+1}) at position j: the last hidden state belongs to position cur_len - 2.
+        position_ids = torch.arange(cur_len - 1 - num_new, cur_len - 1, device=input_ids.device).unsqueeze(0)
+        if self.head_cache_verified_length:  # (an empty sliding-window layer cannot be cropped)
+            self.head_cache.crop(-self.head_cache_speculative_length)
+        head_output = self.model.mtp_forward(
+            hidden_states[:, :num_new], input_ids[:, cur_len - num_new :], position_ids, self.head_cache
+        )[:, -1:]
+        self.head_cache_verified_length += num_new
+
+        candidate_ids = input_ids
+        draft_logits = []
+        for step in range(max_drafts):
+            if step > 0:  # recursion: the head reads its own output and its own last draft
+                position_ids = position_ids[:, -1:] + 1
+                head_output = self.model.mtp_forward(head_output, candidate_ids[:, -1:], position_ids, self.head_cache)
+            next_token, logits = self._select_draft(candidate_ids, head_output[:, -1])
+            candidate_ids = torch.cat([candidate_ids, next_token[:, None]], dim=-1)
+            if logits is not None:
+                draft_logits.append(logits)
+
+        self.head_cache_speculative_length = max_drafts - 1
+        self._num_drafted = max_drafts
+        self._clock = self._synchronized_time()
+        self.stats.draft_seconds += self._clock - start
+        return candidate_ids, torch.stack(draft_logits, dim=1) if self.do_sample else None
+
+    def _select_draft(
+        self, candidate_ids: torch.LongTensor, head_output: torch.Tensor
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        """Next draft token from the head's output; when sampling, also the (full-vocabulary) logits it came from."""
+        logits = self.model.draft_logits(head_output, self.draft_token_ids)
+        if self.logits_processor is None and not self.do_sample:
+            next_token = logits.argmax(dim=-1)
+            return (next_token if self.draft_token_ids is None else self.draft_token_ids[next_token]), None
+
+        logits = self._to_full_vocabulary(logits.float())
+        if self.logits_processor is not None:
+            logits = self.logits_processor(candidate_ids, logits)
+        if not self.do_sample:
+            return logits.argmax(dim=-1), None
+        next_token = torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+        return next_token, logits
+
+    def _to_full_vocabulary(self, logits: torch.FloatTensor) -> torch.FloatTensor:
+        if self.draft_token_ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.model.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.draft_token_ids, logits)
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        now = self._synchronized_time()
+        if self._num_drafted:
+            self.stats.verify_seconds += now - self._clock
+            self.stats.record_cycle(self._num_drafted, int(num_matches))
+        elif self.head_cache_verified_length == 0:
+            self.stats.prefill_seconds += now - self._clock
+        else:
+            self.stats.verify_seconds += now - self._clock
+
+    def _synchronized_time(self) -> float:
+        # Draft and verify times are only meaningful on an accelerator if queued kernels have finished.
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
+
+
+__all__ = ["FastMTPCandidateGenerator", "FastMTPStats"]

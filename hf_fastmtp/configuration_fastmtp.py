@@ -1,0 +1,95 @@
+"""Configuration of a FastMTP head and the base model it was trained for."""
+
+from __future__ import annotations
+
+import copy
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+MAX_DRAFT_TOKENS = 16
+"""Above this many drafts per cycle acceptance is ~0 for every head we know of, and verification gets slow."""
+
+# Fields that must agree between the base a head was trained on and the base it is attached to.
+BASE_SIGNATURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+)
+
+
+@strict
+class FastMTPConfig(PretrainedConfig):
+    r"""
+    Configuration of [`FastMTPForCausalLM`]: a frozen decoder-only base model plus one shared-weight MTP head.
+
+    The head itself has no hyper-parameters of its own: it is one decoder layer of the base model's class, built from
+    the base model's config, which is kept here as `text_config` so that a head folder records exactly which
+    architecture it belongs to and can be checked against the base it is loaded with.
+
+    Args:
+        text_config (`dict` or `PretrainedConfig`):
+            Config of the base causal LM (e.g. a `LlamaConfig`).
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or local folder of the base model; `from_pretrained` of a head-only folder loads it from there.
+        base_model_revision (`str`, *optional*):
+            Revision of the base model the head was trained against.
+        num_draft_tokens (`int`, *optional*, defaults to 3):
+            Default number of tokens drafted per cycle (K): the head is applied recursively K times.
+        draft_vocab_maps (`dict[str, str]`, *optional*):
+            Language code -> file (in the head folder) holding a 1-D tensor of the token ids drafting is restricted
+            to for prompts in that language.
+        default_draft_vocab (`str`, *optional*):
+            Key of `draft_vocab_maps` used when the prompt's language has no map of its own or is undetectable.
+    """
+
+    model_type = "fastmtp"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PretrainedConfig | None = None
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    num_draft_tokens: int = 3
+    draft_vocab_maps: dict[str, str] | None = None
+    default_draft_vocab: str | None = None
+
+    def validate_num_draft_tokens(self):
+        check_num_draft_tokens(self.num_draft_tokens)
+
+    def base_signature(self) -> dict:
+        return base_signature(self.text_config)
+
+    def head_config(self) -> PretrainedConfig:
+        """Config of the head's single decoder layer: the base config with one full-attention layer."""
+        head_config = copy.deepcopy(self.text_config)
+        head_config.num_hidden_layers = 1
+        # The head attends over everything it has seen, whatever the base layer 0 does (e.g. Gemma-3's sliding
+        # layers); architectures without `layer_types` keep their uniform attention (Mistral's window included).
+        if getattr(head_config, "layer_types", None) is not None:
+            head_config.layer_types = ["full_attention"]
+        return head_config
+
+
+def check_num_draft_tokens(num_draft_tokens: int) -> int:
+    """Checks a requested K and returns it; used by the config, `generate` and training alike."""
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
+        raise ValueError(f"`num_draft_tokens` must be an integer, got {num_draft_tokens!r}.")
+    if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(
+            f"`num_draft_tokens` must be between 1 and {MAX_DRAFT_TOKENS}, got {num_draft_tokens}. "
+            "FastMTP heads are trained for K around 3; far beyond that almost nothing is accepted."
+        )
+    return num_draft_tokens
+
+
+def base_signature(config: PretrainedConfig) -> dict:
+    """The architecture facts a head depends on, for mismatch checks."""
+    return {field: getattr(config, field, None) for field in BASE_SIGNATURE_FIELDS}
+
+
+__all__ = ["FastMTPConfig", "MAX_DRAFT_TOKENS", "check_num_draft_tokens"]

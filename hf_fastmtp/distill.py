@@ -1,0 +1,617 @@
+"""
+Self-distillation: the base model answers prompts with its own chat template, and its answers become the head's
+training data, so that the head learns the distribution it will have to predict.
+
+An output folder holds:
+    manifest.json        model, tokenizer fingerprint, sampling settings and counts
+    shard-00000.jsonl    one row per answer: id, source, lang, prompt, prompt_ids, response_ids, response, finished
+    duplicates.jsonl     ids whose answer repeated an earlier one, so that reruns do not answer them again
+
+Rows are appended a batch at a time with one write and an fsync, and the folder's state is rebuilt from the files on
+every start: an interrupted run loses at most the batch in flight, and rerunning the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .prompts import encode_chat
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = Path("..", "shared", "data", "distill_prompts.jsonl")
+KNOWN_SOURCES = ("alpaca_en", "alpaca_zh", "gsm8k_train", "code_alpaca")
+MANIFEST_NAME = "manifest.json"
+DUPLICATES_NAME = "duplicates.jsonl"
+FORMAT_VERSION = 1
+PROMPT_FIELDS = ("id", "source", "lang", "prompt")
+ROW_FIELDS = ("id", "source", "lang", "prompt", "prompt_ids", "response_ids", "response", "finished")
+DUPLICATE_FIELDS = ("id", "duplicate_of")
+# Data made with other values of these is a different distribution: never mix it into one folder.
+IDENTITY_KEYS = ("format_version", "model", "tokenizer", "sampling")
+
+
+class DistillError(ValueError):
+    """A problem with the options, the prompts file or the output folder, explained for the user."""
+
+
+@dataclass
+class DistillResult:
+    """What one `distill` call added, and the folder's manifest after it."""
+
+    output_dir: Path
+    manifest: dict
+    new_rows: int = 0
+    new_response_tokens: int = 0
+    generated_tokens: int = 0
+    duplicates_dropped: int = 0
+    skipped_too_long: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        counts = self.manifest["counts"]
+        rate = self.generated_tokens / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.new_rows} new rows ({self.new_response_tokens} response tokens) in {self.seconds:.0f} s, "
+            f"{rate:.1f} tok/s; {self.duplicates_dropped} duplicates dropped, {self.skipped_too_long} prompts too "
+            f"long; {self.output_dir} now holds {counts['rows']} rows, {counts['response_tokens']} response tokens"
+        )
+
+
+def distill(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts_file: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    sources: Sequence[str] | None = None,
+    langs: Sequence[str] | None = None,
+    num_prompts: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    temperature: float = 0.6,
+    top_k: int = 20,
+    top_p: float = 0.95,
+    max_prompt_tokens: int = 512,
+    shard_size: int = 1000,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """
+    Answers the selected prompts of `prompts_file` with `model` and appends the answers to `output_dir`.
+
+    Prompts already answered there are skipped, so the same call resumes an interrupted run. Batch `i` of the
+    selection is always sampled with the same seed, which makes a resumed run give the same rows as an uninterrupted
+    one (it seeds torch's global RNG to do so). `temperature=0` is greedy decoding. `model_name` (default: the model's
+    `name_or_path`) goes into the manifest.
+    """
+    check_options(
+        num_prompts=num_prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_prompt_tokens=max_prompt_tokens,
+        shard_size=shard_size,
+    )
+    selection = select_prompts(load_prompts(prompts_file), sources, langs, num_prompts, seed)
+    generate_kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
+    output_dir = Path(output_dir)
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "model": model_name if model_name is not None else model.config.name_or_path,
+        "tokenizer": {"vocab_size": len(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens},
+    }
+    run = {
+        "prompts_file": str(prompts_file),
+        "sources": sorted(sources) if sources else None,
+        "langs": sorted(langs) if langs else None,
+        "num_prompts": num_prompts,
+        "seed": seed,
+        "batch_size": batch_size,
+        "max_prompt_tokens": max_prompt_tokens,
+    }
+    manifest = _open_folder(output_dir, identity, run)
+    written = _Written.scan(output_dir, shard_size)
+
+    batches = [selection[start : start + batch_size] for start in range(0, len(selection), batch_size)]
+    todo, skipped = _encode_pending(tokenizer, batches, written.ids, max_prompt_tokens)
+    if skipped:
+        logger.warning("Skipping %d prompts longer than %d tokens (--max-prompt-tokens).", skipped, max_prompt_tokens)
+    manifest["counts"] = written.counts(skipped)
+    _write_manifest(output_dir, manifest)
+
+    result = DistillResult(output_dir, manifest, skipped_too_long=skipped)
+    start = time.perf_counter()
+    with tqdm(total=sum(len(batch) for _, batch in todo), unit="prompt", desc="distill", disable=not progress) as bar:
+        for index, batch in todo:
+            answers = _answer(model, batch, _batch_seed(seed, index), generate_kwargs)
+            rows = [
+                {
+                    **prompt,
+                    "response_ids": ids,
+                    "response": tokenizer.decode(ids, skip_special_tokens=True),
+                    "finished": finished,
+                }
+                for prompt, (ids, finished) in zip(batch, answers, strict=True)
+            ]
+            kept, duplicates = written.add(rows)
+            manifest["counts"] = written.counts(skipped)
+            _write_manifest(output_dir, manifest)
+
+            result.new_rows += len(kept)
+            result.new_response_tokens += sum(len(row["response_ids"]) for row in kept)
+            result.generated_tokens += sum(len(ids) for ids, _ in answers)
+            result.duplicates_dropped += len(duplicates)
+            result.seconds = time.perf_counter() - start
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{result.generated_tokens / result.seconds:.1f} tok/s")
+    return result
+
+
+def check_options(
+    *,
+    num_prompts: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_prompt_tokens: int,
+    shard_size: int,
+) -> None:
+    """Raises `DistillError` for an option out of range; cheap, so the CLI runs it before loading a model."""
+    positive = {
+        "num_prompts": num_prompts,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
+        "shard_size": shard_size,
+    }
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise DistillError(f"{name} must be at least 1, got {value}.")
+    if temperature < 0:
+        raise DistillError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
+    if top_k < 0:
+        raise DistillError(f"top_k must be >= 0 (0 turns it off), got {top_k}.")
+    if not 0 < top_p <= 1:
+        raise DistillError(f"top_p must be in (0, 1], got {top_p}.")
+
+
+def load_prompts(path: str | os.PathLike) -> list[dict]:
+    """The rows of a prompts JSONL file (`id`, `source`, `lang`, `prompt`), checked line by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"Prompts file {path} not found.")
+    prompts, line_of_id = [], {}
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DistillError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(name), str) for name in PROMPT_FIELDS):
+                raise DistillError(f"{path}, line {number}: needs the string fields {', '.join(PROMPT_FIELDS)}.")
+            if not row["prompt"].strip():
+                raise DistillError(f"{path}, line {number}: the prompt is empty.")
+            if row["id"] in line_of_id:
+                raise DistillError(
+                    f"{path}, line {number}: id {row['id']!r} is already used on line {line_of_id[row['id']]}."
+                )
+            line_of_id[row["id"]] = number
+            prompts.append({name: row[name] for name in PROMPT_FIELDS})
+    if not prompts:
+        raise DistillError(f"Prompts file {path} is empty.")
+    return prompts
+
+
+def select_prompts(
+    prompts: Sequence[dict],
+    sources: Iterable[str] | None = None,
+    langs: Iterable[str] | None = None,
+    num_prompts: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """
+    The prompts matching the filters, in an order shuffled by `seed`; `num_prompts` keeps the first N of that order.
+
+    The shuffle mixes sources and languages, so that a run stopped early still has a representative sample, and a
+    larger N with the same seed extends a smaller one instead of replacing it.
+    """
+    order = list(prompts)
+    for name, wanted in (("source", sources), ("lang", langs)):
+        if wanted:
+            available = {prompt[name] for prompt in prompts}
+            if unknown := set(wanted) - available:
+                raise DistillError(f"No prompt has {name} {sorted(unknown)}; the prompts have {sorted(available)}.")
+            order = [prompt for prompt in order if prompt[name] in wanted]
+    if not order:
+        raise DistillError("No prompt is left after filtering by source and language.")
+    random.Random(seed).shuffle(order)
+    if num_prompts is not None:
+        if num_prompts > len(order):
+            raise DistillError(f"num_prompts is {num_prompts}, but only {len(order)} prompts match the filters.")
+        order = order[:num_prompts]
+    return order
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the vocabulary: data made with one tokenizer is meaningless token ids for another."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a distilled folder."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a folder written by `fastmtp distill`.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DistillError(f"{path} is not valid JSON ({error}).") from None
+
+
+def iter_distilled(folder: str | os.PathLike) -> Iterator[dict]:
+    """
+    Every row of a distilled folder, shard by shard.
+
+    A torn last line of a shard is skipped, not an error: it is the row a running (or killed) distill is writing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Distilled data folder {folder} not found.")
+    shards = _shard_paths(folder)
+    if not shards:
+        raise FileNotFoundError(f"{folder} has no shard-*.jsonl files: run `fastmtp distill --output {folder}` first.")
+    for path in shards:
+        for _, row in _read_lines(path, ROW_FIELDS):
+            yield row
+
+
+@dataclass
+class _Written:
+    """What the output folder holds, rebuilt from its files on every start so that it survives any crash."""
+
+    folder: Path
+    shard_size: int
+    ids: set[str] = field(default_factory=set)
+    response_owner: dict[int, str] = field(default_factory=dict)  # hash of response_ids -> id of the row kept
+    rows: int = 0
+    response_tokens: int = 0
+    finished: int = 0
+    duplicates: int = 0
+    shard_index: int = 0
+    rows_in_shard: int = 0
+
+    @classmethod
+    def scan(cls, folder: Path, shard_size: int) -> _Written:
+        written = cls(folder, shard_size)
+        for path in _shard_paths(folder):
+            rows = _read_repairing(path, ROW_FIELDS)
+            for row in rows:
+                written._count(row)
+            written.shard_index, written.rows_in_shard = int(path.stem.removeprefix("shard-")), len(rows)
+        for duplicate in _read_repairing(folder / DUPLICATES_NAME, DUPLICATE_FIELDS):
+            written.ids.add(duplicate["id"])
+            written.duplicates += 1
+        return written
+
+    def add(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Appends the rows whose response is new; records the others as duplicates. Returns both lists."""
+        kept, duplicates = [], []
+        for row in rows:
+            owner = self.response_owner.get(hash(tuple(row["response_ids"])))
+            if owner is None:
+                self._count(row)
+                kept.append(row)
+            else:
+                self.ids.add(row["id"])
+                self.duplicates += 1
+                duplicates.append({"id": row["id"], "duplicate_of": owner})
+        self._append_to_shards(kept)
+        # Written after the rows: if a crash falls in between, the duplicates are merely answered again.
+        if duplicates:
+            _append_lines(self.folder / DUPLICATES_NAME, duplicates)
+        return kept, duplicates
+
+    def counts(self, skipped_too_long: int) -> dict[str, int]:
+        return {
+            "rows": self.rows,
+            "response_tokens": self.response_tokens,
+            "finished": self.finished,
+            "duplicates_dropped": self.duplicates,
+            "skipped_too_long": skipped_too_long,
+        }
+
+    def _count(self, row: dict) -> None:
+        self.ids.add(row["id"])
+        self.response_owner.setdefault(hash(tuple(row["response_ids"])), row["id"])
+        self.rows += 1
+        self.response_tokens += len(row["response_ids"])
+        self.finished += bool(row["finished"])
+
+    def _append_to_shards(self, rows: list[dict]) -> None:
+        while rows:
+            if self.rows_in_shard >= self.shard_size:
+                self.shard_index, self.rows_in_shard = self.shard_index + 1, 0
+            room = self.shard_size - self.rows_in_shard
+            _append_lines(self.folder / f"shard-{self.shard_index:05d}.jsonl", rows[:room])
+            self.rows_in_shard += len(rows[:room])
+            rows = rows[room:]
+
+
+def _open_folder(folder: Path, identity: dict, run: dict) -> dict:
+    """The manifest to continue with; refuses a folder whose data was made with another model or settings."""
+    manifest_path = folder / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = read_manifest(folder)
+        changed = [
+            f"{key} {manifest.get(key)!r} there, {identity[key]!r} now"
+            for key in IDENTITY_KEYS
+            if manifest.get(key) != identity[key]
+        ]
+        if changed:
+            raise DistillError(
+                f"{folder} holds data made with other settings ({'; '.join(changed)}). Mixing them would spoil the "
+                "training data: use another --output folder, or the settings it was made with."
+            )
+    elif folder.is_dir() and _shard_paths(folder):
+        raise DistillError(f"{folder} has shard files but no {MANIFEST_NAME}; refusing to add data of unknown origin.")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = {**identity, "runs": []}
+    if run not in manifest["runs"]:
+        manifest["runs"].append(run)
+    return manifest
+
+
+def _encode_pending(
+    tokenizer: PreTrainedTokenizerBase, batches: list[list[dict]], done: set[str], max_prompt_tokens: int
+) -> tuple[list[tuple[int, list[dict]]], int]:
+    """`(batch index, prompts with prompt_ids)` for what is left to answer, and how many prompts were too long."""
+    todo, skipped = [], 0
+    for index, batch in enumerate(batches):
+        pending = []
+        for prompt in batch:
+            if prompt["id"] in done:
+                continue
+            prompt_ids = encode_chat(tokenizer, prompt["prompt"])["input_ids"][0].tolist()
+            if len(prompt_ids) > max_prompt_tokens:
+                skipped += 1
+            else:
+                pending.append({**prompt, "prompt_ids": prompt_ids})
+        if pending:
+            todo.append((index, pending))
+    return todo, skipped
+
+
+def _generate_kwargs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> dict:
+    """`generate` arguments, with every EOS id of the model and tokenizer, so that answers are cut where they end."""
+    configured = model.generation_config.eos_token_id
+    eos_ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    if not eos_ids:
+        raise DistillError("Neither the model's generation config nor the tokenizer defines an EOS token.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": sorted(eos_ids), "pad_token_id": pad_id}
+    if temperature == 0:
+        return {**kwargs, "do_sample": False}
+    return {**kwargs, "do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    # Hashed rather than `seed + batch_index`, so that runs with neighbouring seeds share no sampling streams.
+    return int.from_bytes(hashlib.sha256(f"{seed}/{batch_index}".encode()).digest()[:8], "little")
+
+
+def _answer(
+    model: PreTrainedModel, batch: list[dict], seed: int, generate_kwargs: dict
+) -> list[tuple[list[int], bool]]:
+    """`(response ids up to and including the first EOS, whether there was one)` for each prompt of the batch."""
+    # Left-padded by hand from the ids already encoded: the model sees exactly the `prompt_ids` that are stored.
+    width = max(len(prompt["prompt_ids"]) for prompt in batch)
+    input_ids = torch.full((len(batch), width), generate_kwargs["pad_token_id"], dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, prompt in enumerate(batch):
+        input_ids[row, width - len(prompt["prompt_ids"]) :] = torch.tensor(prompt["prompt_ids"])
+        attention_mask[row, width - len(prompt["prompt_ids"]) :] = 1
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), **generate_kwargs
+        )
+    eos_ids = set(generate_kwargs["eos_token_id"])
+    answers = []
+    for ids in output[:, width:].tolist():
+        end = next((position for position, token in enumerate(ids) if token in eos_ids), None)
+        answers.append((ids, False) if end is None else (ids[: end + 1], True))
+    return answers
+
+
+def _shard_paths(folder: Path) -> list[Path]:
+    return sorted(folder.glob("shard-*.jsonl"))
+
+
+def _read_lines(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """
+    `(offset where the line ends, row)` for each line of a file this module appends to.
+
+    Stops quietly at a bad last line, which an interrupted write leaves; a bad line anywhere else is corruption.
+    """
+    end = 0
+    with open(path, "rb") as file:
+        number = 0
+        while line := file.readline():
+            number += 1
+            row = _parse_line(line, required)
+            if row is None:
+                if not file.read(1):
+                    return
+                raise DistillError(f"{path}, line {number}: not a JSON row with the fields {', '.join(required)}.")
+            end += len(line)
+            yield end, row
+
+
+def _parse_line(line: bytes, required: Sequence[str]) -> dict | None:
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) and all(name in row for name in required) else None
+
+
+def _read_repairing(path: Path, required: Sequence[str]) -> list[dict]:
+    """The rows of `path` (none if it does not exist), cutting off a torn last line so that appends start clean."""
+    if not path.exists():
+        return []
+    lines = list(_read_lines(path, required))
+    valid_end = lines[-1][0] if lines else 0
+    if path.stat().st_size > valid_end:
+        logger.warning("%s: removing a torn last line left by an interrupted write.", path)
+        os.truncate(path, valid_end)
+    return [row for _, row in lines]
+
+
+def _append_lines(path: Path, rows: list[dict]) -> None:
+    """
+    Appends whole lines with one write, then fsyncs: an interrupt can leave only a torn last line, which the next run
+    cuts off, never half a row in the middle of a file.
+    """
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    with open(path, "ab") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    """Written to a temporary file and renamed over the old one, so the manifest is always whole."""
+    staging = folder / f"{MANIFEST_NAME}.tmp"
+    with open(staging, "w", encoding="utf-8") as file:
+        json.dump(manifest, file, indent=2, ensure_ascii=False)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staging, folder / MANIFEST_NAME)
+
+
+def register_cli(commands: argparse._SubParsersAction) -> None:
+    """Adds the `distill` subcommand to the `fastmtp` command line."""
+    parser = commands.add_parser(
+        "distill",
+        help="answer prompts with the base model: the FastMTP head's training data (resumable)",
+        description="Self-distillation: the base model answers prompts with its own chat template and sampling; the "
+        "answers are written as JSONL shards. Rerun the same command to resume an interrupted run.",
+    )
+    parser.add_argument(
+        "--prompts",
+        default=str(DEFAULT_PROMPTS),
+        help=f"JSONL with id, source, lang, prompt per line (default: {DEFAULT_PROMPTS}, from the current directory)",
+    )
+    parser.add_argument("--output", required=True, help="folder for the shards and manifest.json")
+    parser.add_argument(
+        "--source", action="append", help=f"only prompts of this source, repeatable ({', '.join(KNOWN_SOURCES)})"
+    )
+    parser.add_argument("--lang", action="append", help="only prompts of this language, repeatable (en, zh)")
+    parser.add_argument("--num-prompts", type=int, help="answer a seeded random sample of N prompts (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="selects the sample and seeds the sampling (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default: 0.6, FastMTP's)")
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
+    parser.add_argument("--shard-size", type=int, default=1000, help="rows per shard file")
+    parser.add_argument("--base", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    options = {
+        "num_prompts": args.num_prompts,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "shard_size": args.shard_size,
+    }
+    try:
+        # Checked before the model loads, which can take half a minute.
+        check_options(**options)
+        if not Path(args.prompts).is_file():
+            raise DistillError(
+                f"Prompts file {args.prompts} not found (the default, {DEFAULT_PROMPTS}, is relative to the current "
+                "directory): pass --prompts PATH."
+            )
+        model, tokenizer, model_name = _load_base(args.base)
+        result = distill(
+            model,
+            tokenizer,
+            args.prompts,
+            args.output,
+            sources=args.source,
+            langs=args.lang,
+            seed=args.seed,
+            model_name=model_name,
+            **options,
+        )
+    except DistillError as error:
+        raise SystemExit(f"fastmtp distill: error: {error}") from None
+    print(result.summary())
+
+
+def _load_base(base: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    if base is None:
+        from .embedded import DEFAULT_BASE_NAME, load_default_base
+
+        return *load_default_base(), DEFAULT_BASE_NAME
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto").eval()
+    return model, AutoTokenizer.from_pretrained(base), base
+
+
+__all__ = [
+    "DistillError",
+    "DistillResult",
+    "check_options",
+    "distill",
+    "iter_distilled",
+    "load_prompts",
+    "read_manifest",
+    "register_cli",
+    "select_prompts",
+    "tokenizer_fingerprint",
+]

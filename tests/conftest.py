@@ -1,0 +1,77 @@
+"""Tiny random models of every supported architecture, and the real embedded model for slow tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from hf_fastmtp import FastMTPForCausalLM
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
+COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=0,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+
+def tiny_base(architecture: str, vocab_size: int = 97, seed: int = 0, sharpness: float = 1.0):
+    """A random causal LM; `sharpness` scales the lm_head so its distributions are peaked rather than flat."""
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **COMMON))
+    elif architecture == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **COMMON))
+    elif architecture == "mistral":
+        # A window shorter than the test sequences, so the sliding-window paths are exercised.
+        model = MistralForCausalLM(MistralConfig(vocab_size=vocab_size, sliding_window=16, **COMMON))
+    elif architecture == "gemma3":
+        config = Gemma3TextConfig(vocab_size=vocab_size, head_dim=8, sliding_window=16, **COMMON)
+        model = Gemma3ForCausalLM(config)
+    else:
+        raise ValueError(architecture)
+    if sharpness != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(sharpness)
+    return model.eval()
+
+
+def tiny_fastmtp(architecture: str = "llama", vocab_size: int = 97, seed: int = 0, sharpness: float = 1.0):
+    """A tiny FastMTP model whose head is random (seeded), so drafts are sometimes right, mostly wrong."""
+    base = tiny_base(architecture, vocab_size, seed, sharpness)
+    model = FastMTPForCausalLM.from_base(base)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.head.parameters():
+            parameter.normal_(0, 0.2) if parameter.ndim > 1 else parameter.fill_(1.0)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def architecture(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default (SmolLM2-135M-Instruct + shipped head), loaded once per test session."""
+    from hf_fastmtp import load_default
+
+    torch.manual_seed(0)
+    return load_default()

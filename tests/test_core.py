@@ -1,0 +1,341 @@
+"""Core FastMTP decoding on tiny random models: lossless greedy and sampling, caches, stats, generate() integration."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import tiny_fastmtp
+from transformers import DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats
+
+
+def prompt(length: int, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab_size, (1, length), generator=generator)
+
+
+def greedy(model, input_ids, **kwargs) -> torch.LongTensor:
+    return model.generate(input_ids, do_sample=False, **kwargs)
+
+
+def oracle_drafts(reference: torch.LongTensor, vocab_size: int, reject_at: int | None):
+    """
+    A `get_candidates` that replaces the head's drafts with the true greedy continuation, wrong from draft
+    `reject_at` of every cycle on, so that every number of accepted drafts (0..K) is exercised. The head still runs,
+    so its caches are exercised too.
+    """
+    original = FastMTPCandidateGenerator.get_candidates
+
+    def get_candidates(generator, input_ids, **kwargs):
+        candidates, logits = original(generator, input_ids, **kwargs)
+        start = input_ids.shape[1]
+        for index in range(start, candidates.shape[1]):
+            true_token = int(reference[0, index]) if index < reference.shape[1] else 0
+            wrong = reject_at is not None and index - start >= reject_at
+            candidates[0, index] = (true_token + 1) % vocab_size if wrong else true_token
+        return candidates, logits
+
+    return get_candidates
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 3, 5])
+def test_greedy_identical_random_head(architecture, num_draft_tokens):
+    for seed, length in itertools.product(range(3), (1, 5, 23)):
+        model = tiny_fastmtp(architecture, seed=seed)
+        input_ids = prompt(length, seed=seed)
+        plain = greedy(model, input_ids, max_new_tokens=30)
+        fast = greedy(model, input_ids, max_new_tokens=30, fastmtp=True, num_draft_tokens=num_draft_tokens)
+        assert torch.equal(plain, fast), (architecture, seed, length)
+        assert model.last_fastmtp_stats.new_tokens == 30
+
+
+@pytest.mark.parametrize("reject_at", [0, 1, 2, 3, None])
+def test_greedy_identical_at_every_rejection_position(architecture, monkeypatch, reject_at):
+    model = tiny_fastmtp(architecture)
+    input_ids = prompt(9)
+    plain = greedy(model, input_ids, max_new_tokens=40)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "get_candidates", oracle_drafts(plain, 97, reject_at))
+    fast = greedy(model, input_ids, max_new_tokens=40, fastmtp=True, num_draft_tokens=3)
+    assert torch.equal(plain, fast)
+    stats = model.last_fastmtp_stats
+    accepted = 3 if reject_at is None else reject_at
+    # Every full cycle accepts exactly `accepted` drafts; only the last one may be cut by max_new_tokens.
+    assert stats.accepted_per_position[:accepted] == stats.drafted_per_position[:accepted]
+    assert sum(stats.accepted_per_position[accepted:]) == 0
+    assert stats.tau == pytest.approx((stats.accepted_tokens + stats.cycles) / stats.cycles)
+
+
+@pytest.mark.parametrize("max_new_tokens", range(1, 13))
+def test_max_new_tokens_landing_mid_draft(monkeypatch, max_new_tokens):
+    model = tiny_fastmtp("llama")
+    input_ids = prompt(6)
+    plain = greedy(model, input_ids, max_new_tokens=max_new_tokens)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "get_candidates", oracle_drafts(plain, 97, None))
+    fast = greedy(model, input_ids, max_new_tokens=max_new_tokens, fastmtp=True, num_draft_tokens=3)
+    assert torch.equal(plain, fast)
+    assert fast.shape[1] == 6 + max_new_tokens
+
+
+def test_eos_inside_accepted_draft(architecture, monkeypatch):
+    model = tiny_fastmtp(architecture)
+    input_ids = prompt(6)
+    free_run = greedy(model, input_ids, max_new_tokens=30)[0, 6:]
+    # An EOS that first appears a few tokens in, so that it falls inside a cycle of fully accepted drafts.
+    eos = next(int(t) for i, t in enumerate(free_run) if i >= 3 and int(t) not in free_run[:i].tolist())
+    plain = greedy(model, input_ids, max_new_tokens=30, eos_token_id=eos)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "get_candidates", oracle_drafts(plain, 97, None))
+    fast = greedy(model, input_ids, max_new_tokens=30, eos_token_id=eos, fastmtp=True, num_draft_tokens=4)
+    assert torch.equal(plain, fast)
+    assert fast[0, -1] == eos and (fast[0, 6:-1] != eos).all()
+    assert model.last_fastmtp_stats.accepted_tokens > 0
+
+
+def test_logits_processors_greedy(architecture):
+    model = tiny_fastmtp(architecture)
+    input_ids = prompt(8)
+    kwargs = dict(max_new_tokens=30, repetition_penalty=1.3, no_repeat_ngram_size=3, min_new_tokens=5)
+    assert torch.equal(greedy(model, input_ids, **kwargs), greedy(model, input_ids, fastmtp=True, **kwargs))
+
+
+def test_return_dict_scores_match_plain():
+    model = tiny_fastmtp("qwen2")
+    input_ids = prompt(5)
+    kwargs = dict(max_new_tokens=12, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    plain = greedy(model, input_ids, **kwargs)
+    fast = greedy(model, input_ids, fastmtp=True, **kwargs)
+    assert torch.equal(plain.sequences, fast.sequences)
+    assert len(fast.scores) == len(plain.scores) == 12
+    for plain_scores, fast_scores in zip(plain.scores, fast.scores):
+        torch.testing.assert_close(fast_scores, plain_scores, atol=1e-4, rtol=1e-4)
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_exactly_the_generated_tokens():
+    model = tiny_fastmtp("llama")
+    input_ids = prompt(7)
+    streamer = CollectingStreamer()
+    output = greedy(model, input_ids, max_new_tokens=25, fastmtp=True, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == input_ids[0].tolist()  # generate() first streams the prompt
+    assert sum(streamer.chunks[1:], []) == output[0, 7:].tolist()
+
+
+def test_fastmtp_kwargs_never_reach_the_model():
+    model = tiny_fastmtp("llama")
+    input_ids = prompt(4)
+    # Plain generation ignores FastMTP settings instead of failing on unknown model kwargs.
+    plain = greedy(model, input_ids, max_new_tokens=5, fastmtp=False, num_draft_tokens=2, draft_vocab="full")
+    assert model.last_fastmtp_stats is None
+    fast = greedy(model, input_ids, max_new_tokens=5, fastmtp=True, num_draft_tokens=2, draft_vocab="full")
+    assert torch.equal(plain, fast)
+    assert model.last_fastmtp_stats.num_draft_tokens == 2
+
+
+def test_generation_config_can_enable_fastmtp():
+    model = tiny_fastmtp("llama")
+    model.generation_config.fastmtp = True
+    model.generation_config.num_draft_tokens = 2
+    greedy(model, prompt(4), max_new_tokens=6)
+    assert model.last_fastmtp_stats.num_draft_tokens == 2
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def capture_generator(model, monkeypatch) -> list[FastMTPCandidateGenerator]:
+    captured = []
+    original = type(model)._get_candidate_generator
+
+    def spy(self, *args, **kwargs):
+        captured.append(original(self, *args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr(type(model), "_get_candidate_generator", spy)
+    return captured
+
+
+def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeypatch):
+    model = tiny_fastmtp(architecture)
+    captured = capture_generator(model, monkeypatch)
+    input_ids = prompt(11)
+    output = greedy(model, input_ids, max_new_tokens=30, fastmtp=True, num_draft_tokens=3)
+    generator = captured[0]
+    generator.head_cache.crop(-generator.head_cache_speculative_length)
+    verified = generator.head_cache_verified_length
+    # Verified pairs cover every position whose successor is known, up to the last cycle's bonus token.
+    assert output.shape[1] - 1 - verified <= 3 + 1
+
+    with torch.no_grad():
+        hidden = model.model(output, output_hidden_states=-1).hidden_states[-1]
+        reference = DynamicCache(config=model.head_config)
+        positions = torch.arange(verified).unsqueeze(0)
+        model.mtp_forward(hidden[:, :verified], output[:, 1 : verified + 1], positions, reference)
+    incremental_keys = generator.head_cache.layers[0].keys
+    kept = incremental_keys.shape[-2]  # all of them, or the last window for sliding-window heads
+    torch.testing.assert_close(incremental_keys, reference.layers[0].keys[..., -kept:, :], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        generator.head_cache.layers[0].values, reference.layers[0].values[..., -kept:, :], atol=1e-5, rtol=1e-4
+    )
+
+
+def test_head_never_recomputes_the_prefix(monkeypatch):
+    model = tiny_fastmtp("llama")
+    calls = []
+    original = type(model).mtp_forward
+
+    def counting(self, hidden_states, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[1])
+        return original(self, hidden_states, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "mtp_forward", counting)
+    greedy(model, prompt(20), max_new_tokens=30, fastmtp=True, num_draft_tokens=3)
+    stats = model.last_fastmtp_stats
+    assert calls[0] == 20  # the prefill's pairs, once
+    assert max(calls[1:]) <= 3 + 1  # afterwards only newly verified positions, or one recursive step
+    assert len(calls) == sum(stats.drafted_per_position)  # one extend + K-1 recursive steps per cycle
+
+
+def test_verification_keeps_only_the_last_hidden_state(monkeypatch):
+    model = tiny_fastmtp("llama")
+    seen = []
+    original = type(model.model).forward
+
+    def spy(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        seen.append([h is not None for h in output.hidden_states] if output.hidden_states else None)
+        return output
+
+    monkeypatch.setattr(type(model.model), "forward", spy)
+    greedy(model, prompt(5), max_new_tokens=10, fastmtp=True)
+    assert seen and all(flags == [False, False, True] for flags in seen)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def exact_joint_distribution(model, input_ids, num_tokens: int, warp) -> torch.Tensor:
+    """P(t_1..t_n) of the base model's (warped) sampling, by enumerating every continuation."""
+    vocab_size = model.vocab_size
+    joint = torch.zeros((vocab_size,) * num_tokens, dtype=torch.float64)
+    with torch.no_grad():
+        for continuation in itertools.product(range(vocab_size), repeat=num_tokens - 1):
+            sequence = torch.cat([input_ids, torch.tensor([continuation], dtype=torch.long)], dim=1)
+            logits = model(sequence).logits[0, input_ids.shape[1] - 1 :].double()
+            probs = [warp(logits[i]).softmax(-1) for i in range(num_tokens)]
+            prefix_probability = 1.0
+            for i, token in enumerate(continuation):
+                prefix_probability *= probs[i][token].item()
+            joint[continuation] = prefix_probability * probs[num_tokens - 1]
+    return joint.reshape(-1)
+
+
+def chi_square_p_value(samples: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    from scipy.stats import chi2
+
+    counts = torch.bincount(samples, minlength=expected_probs.numel()).double()
+    expected = expected_probs * len(samples)
+    # Cells expected to be rare are pooled, so that the chi-square approximation holds.
+    rare = expected < 5
+    observed = torch.cat([counts[~rare], counts[rare].sum(0, keepdim=True)])
+    expected = torch.cat([expected[~rare], expected[rare].sum(0, keepdim=True)])
+    keep = expected > 0
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    return float(chi2.sf(statistic, int(keep.sum()) - 1))
+
+
+def sample_first_tokens(model, input_ids, num_samples: int, num_tokens: int, **kwargs) -> torch.Tensor:
+    vocab_size = model.vocab_size
+    torch.manual_seed(1234)
+    codes = []
+    accepted_drafts = 0
+    for _ in range(num_samples):
+        output = model.generate(input_ids, do_sample=True, max_new_tokens=num_tokens + 1, **kwargs)
+        accepted_drafts += model.last_fastmtp_stats.accepted_tokens if model.last_fastmtp_stats else 0
+        tokens = output[0, input_ids.shape[1] : input_ids.shape[1] + num_tokens].tolist()
+        codes.append(sum(t * vocab_size ** (num_tokens - 1 - i) for i, t in enumerate(tokens)))
+    return torch.tensor(codes), accepted_drafts
+
+
+SAMPLING_SETTINGS = {
+    "plain": ({}, lambda logits: logits),
+    "temperature_top_k": ({"temperature": 0.7, "top_k": 4}, None),
+}
+
+
+@pytest.mark.parametrize("setting", SAMPLING_SETTINGS)
+def test_sampling_distribution_is_preserved(setting):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+
+    kwargs, warp = SAMPLING_SETTINGS[setting]
+    if warp is None:
+
+        def warp(logits):
+            scores = TemperatureLogitsWarper(0.7)(None, logits[None])
+            return TopKLogitsWarper(4)(None, scores)[0]
+
+    model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
+    input_ids = torch.tensor([[1, 4, 2]])
+    expected = exact_joint_distribution(model, input_ids, 3, warp)
+    samples, accepted_drafts = sample_first_tokens(model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, **kwargs)
+    assert accepted_drafts > 2500 // 4  # drafts are accepted often: the speculative path is what is tested
+    assert chi_square_p_value(samples, expected) > 1e-3
+
+
+def test_sampling_test_detects_a_biased_sampler(monkeypatch):
+    """Negative control: accepting every draft samples from the head's q, and the test above must notice."""
+    import transformers.generation.utils as generation_utils
+
+    def accept_all(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs):
+        bonus = torch.multinomial(new_logits[0, -1].softmax(-1), 1)
+        return torch.cat([candidate_input_ids[:, -candidate_length:], bonus[None]], dim=1), candidate_length
+
+    monkeypatch.setattr(generation_utils, "_speculative_sampling", accept_all)
+    model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
+    input_ids = torch.tensor([[1, 4, 2]])
+    expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)
+    samples, _ = sample_first_tokens(model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2)
+    assert chi_square_p_value(samples, expected) < 1e-3
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def test_stats_arithmetic():
+    stats = FastMTPStats(num_draft_tokens=3)
+    stats.record_cycle(3, 3)
+    stats.record_cycle(3, 1)
+    stats.record_cycle(3, 0)
+    stats.record_cycle(2, 2)  # a last cycle cut short by max_new_tokens
+    assert stats.cycles == 4
+    assert stats.drafted_per_position == [4, 4, 3]
+    assert stats.accepted_per_position == [3, 2, 1]
+    assert stats.accepted_tokens == 6
+    assert stats.tau == pytest.approx((6 + 4) / 4)
+    assert stats.acceptance_cumulative == pytest.approx([3 / 4, 2 / 4, 1 / 3])
+    assert stats.acceptance_conditional == pytest.approx([3 / 4, 2 / 3, 1 / 2])
+    as_dict = stats.to_dict()
+    assert as_dict["tau"] == pytest.approx(2.5) and as_dict["cycles"] == 4
+    assert FastMTPStats(num_draft_tokens=2).tau == 0.0
+
+
+def test_stats_times_are_recorded():
+    model = tiny_fastmtp("llama")
+    greedy(model, prompt(5), max_new_tokens=20, fastmtp=True)
+    stats = model.last_fastmtp_stats
+    assert stats.draft_seconds > 0 and stats.verify_seconds > 0 and stats.prefill_seconds > 0
+    assert stats.cycles >= 20 // 4

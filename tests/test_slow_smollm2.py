@@ -1,0 +1,84 @@
+"""End-to-end on the real embedded model, SmolLM2-135M-Instruct (CI runs these too)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_core import CollectingStreamer
+
+from hf_fastmtp.prompts import encode_chat
+
+pytestmark = pytest.mark.slow
+
+SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench.jsonl"
+
+
+def spec_bench_prompts(count: int) -> list[str]:
+    """First turns spread over Spec-Bench's categories, in a fixed order."""
+    rows = [json.loads(line) for line in SPEC_BENCH.read_text().splitlines()]
+    by_category: dict[str, list[str]] = {}
+    for row in rows:
+        by_category.setdefault(row["category"], []).append(row["turns"][0])
+    prompts, round_ = [], 0
+    while len(prompts) < count:
+        for questions in by_category.values():
+            if round_ < len(questions) and len(prompts) < count:
+                prompts.append(questions[round_])
+        round_ += 1
+    return prompts
+
+
+def test_greedy_identical_on_spec_bench(smollm2):
+    model, tokenizer = smollm2
+    for question in spec_bench_prompts(10):
+        inputs = encode_chat(tokenizer, question)
+        plain = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+        fast = model.generate(**inputs, max_new_tokens=128, do_sample=False, fastmtp=True)
+        assert torch.equal(plain, fast), question[:80]
+        assert model.last_fastmtp_stats.cycles > 0
+
+
+def test_streamer_receives_exactly_the_generated_tokens(smollm2):
+    from transformers import TextIteratorStreamer
+    from threading import Thread
+
+    model, tokenizer = smollm2
+    inputs = encode_chat(tokenizer, "Name three colours of the rainbow.")
+    collecting = CollectingStreamer()
+    output = model.generate(**inputs, max_new_tokens=48, fastmtp=True, streamer=collecting)
+    assert sum(collecting.chunks[1:], []) == output[0, inputs["input_ids"].shape[1] :].tolist()
+
+    text_streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = Thread(target=model.generate, kwargs=dict(**inputs, max_new_tokens=48, fastmtp=True, streamer=text_streamer))
+    thread.start()
+    streamed = "".join(text_streamer)
+    thread.join()
+    assert streamed == tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
+def test_text_generation_pipeline(smollm2):
+    from transformers import pipeline
+
+    model, tokenizer = smollm2
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = generator(messages, max_new_tokens=24, do_sample=False)
+    fast = generator(messages, max_new_tokens=24, do_sample=False, fastmtp=True)
+    assert fast[0]["generated_text"] == plain[0]["generated_text"]
+    assert model.last_fastmtp_stats is not None
+
+
+def test_demo_command_prints_the_comparison():
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_fastmtp.cli", "demo", "--max-new-tokens", "12", "--prompts", "Hi!", "Count to five."],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| overall" in result.stdout and "tok/s" in result.stdout
+    overall = next(line for line in result.stdout.splitlines() if line.startswith("| overall"))
+    assert overall.rstrip(" |").endswith("yes")
