@@ -1,14 +1,66 @@
-"""Timing plain decoding against FastMTP, fairly: same inputs, interleaved runs."""
+"""
+Timing plain decoding against FastMTP and other speculative methods, fairly: same inputs, interleaved runs.
+
+`fastmtp bench` runs Spec-Bench prompts (first turns) with every chosen mode of decoding and writes an output folder:
+    settings.json   the model (base name, head weights hash, dtype), max_new_tokens, and the options of each run
+    records.jsonl   one row per prompt and mode: question_id, category, mode, new_token_ids, seconds, stats
+    results.json    the aggregates of `aggregate(records)`, the settings and the hardware
+    results.md      speedup / tau / tok/s per category, per-position acceptance, lossless check, hardware
+    *.png           speedup by category, acceptance by position, and tau and tok/s against K and vocabulary size
+
+Fairness: one warm-up generation per mode before the first prompt, then for each prompt all modes back to back, in
+an order rotated from prompt to prompt, so that machine noise and cache warmth hit every mode alike.
+Resume: records are appended one line at a time with an fsync; a rerun skips the (question_id, mode) pairs already
+in records.jsonl, cuts off a torn last line, and refuses a folder made with another model or max_new_tokens.
+The metric arithmetic (`aggregate`) is a pure function of the records, separate from running them.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .candidate_generator import FastMTPStats
+from .cli import format_table
 from .modeling_fastmtp import FastMTPForCausalLM
+from .prompts import encode_chat
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUESTIONS = Path("..", "shared", "data", "spec_bench.jsonl")
+REFERENCE = "ar"
+METHODS = ("ar", "fastmtp", "pld", "assisted")
+DEFAULT_METHODS = ("ar", "fastmtp", "pld")
+SETTINGS_NAME = "settings.json"
+RECORDS_NAME = "records.jsonl"
+RESULTS_JSON_NAME = "results.json"
+RESULTS_MD_NAME = "results.md"
+FORMAT_VERSION = 1
+# Records made with other values of these are not comparable: never mix them into one folder.
+IDENTITY_KEYS = ("format_version", "model", "max_new_tokens")
+RECORD_FIELDS = ("question_id", "category", "mode", "method", "options", "new_token_ids", "seconds", "stats")
+WARM_UP_PROMPT = "Hello!"
+WARM_UP_TOKENS = 8
+
+
+class BenchError(ValueError):
+    """A problem with the options, the questions file or the output folder, explained for the user."""
 
 
 @dataclass
@@ -24,9 +76,8 @@ class Run:
         return len(self.new_token_ids) / self.seconds if self.seconds else 0.0
 
 
-def timed_generate(
-    model: FastMTPForCausalLM, inputs: dict[str, torch.Tensor], fastmtp: bool, **generate_kwargs
-) -> Run:
+def timed_generate(model: FastMTPForCausalLM, inputs: dict[str, torch.Tensor], fastmtp: bool, **generate_kwargs) -> Run:
+    """One generate() call, timed end to end (prefill included), with the FastMTP stats it left."""
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     start = time.perf_counter()
@@ -36,3 +87,844 @@ def timed_generate(
     seconds = time.perf_counter() - start
     prompt_length = inputs["input_ids"].shape[1]
     return Run(output[0, prompt_length:].tolist(), seconds, model.last_fastmtp_stats)
+
+
+# ---------------------------------------------------------------------------------------------- what to run
+
+
+@dataclass
+class Mode:
+    """One way of decoding: the label used in records and tables, and the generate() options it stands for."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_draft_vocab(value: str) -> str | int:
+    """A `--draft-vocab` value: digits are a vocabulary size, anything else a name ("full", "auto", "en", ...)."""
+    if value.isdigit():
+        if int(value) < 1:
+            raise argparse.ArgumentTypeError("a draft vocabulary size must be at least 1")
+        return int(value)
+    return value
+
+
+def build_modes(
+    methods: Iterable[str],
+    num_draft_tokens: Sequence[int],
+    draft_vocabs: Sequence[str | int] = ("full",),
+    pld_tokens: int = 10,
+) -> list[Mode]:
+    """The modes to compare: `ar` (always, first: it is the reference) and every K x vocabulary for `fastmtp`."""
+    methods = list(dict.fromkeys([REFERENCE, *methods]))
+    if unknown := set(methods) - set(METHODS):
+        raise BenchError(f"Unknown mode(s) {sorted(unknown)}; choose from {', '.join(METHODS)}.")
+    modes = []
+    for method in methods:
+        if method == "fastmtp":
+            for k in dict.fromkeys(num_draft_tokens):
+                for vocab in dict.fromkeys(draft_vocabs):
+                    options = {"num_draft_tokens": k, "draft_vocab": vocab}
+                    modes.append(Mode(f"fastmtp-k{k}-{vocab}", method, options))
+        elif method == "pld":
+            modes.append(Mode(f"pld-{pld_tokens}", method, {"prompt_lookup_num_tokens": pld_tokens}))
+        else:
+            modes.append(Mode(method, method))
+    return modes
+
+
+def rotated(modes: Sequence[Mode], index: int) -> list[Mode]:
+    """The modes in the order prompt `index` runs them: each mode goes first equally often."""
+    shift = index % len(modes)
+    return [*modes[shift:], *modes[:shift]]
+
+
+def load_questions(path: str | os.PathLike, per_category: int | None = None) -> list[dict]:
+    """
+    Spec-Bench rows as `question_id`, `category`, `prompt` (the first turn), in file order; with `per_category`,
+    the first N of each category, so that the same N always selects the same prompts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"Questions file {path} not found.")
+    questions, seen, taken = [], set(), Counter()
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise BenchError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+            if not _is_question(row):
+                raise BenchError(f"{path}, line {number}: needs question_id, category and turns (a list of strings).")
+            if row["question_id"] in seen:
+                raise BenchError(f"{path}, line {number}: question_id {row['question_id']!r} is used twice.")
+            seen.add(row["question_id"])
+            if per_category is None or taken[row["category"]] < per_category:
+                taken[row["category"]] += 1
+                questions.append(
+                    {"question_id": row["question_id"], "category": row["category"], "prompt": row["turns"][0]}
+                )
+    if not questions:
+        raise BenchError(f"Questions file {path} is empty.")
+    return questions
+
+
+def _is_question(row: Any) -> bool:
+    if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("category"), str):
+        return False
+    turns = row.get("turns")
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], str) and bool(turns[0].strip())
+
+
+def check_options(
+    *, per_category: int | None, num_draft_tokens: Sequence[int] | None, pld_tokens: int, max_new_tokens: int
+) -> None:
+    """Raises `BenchError` for an option out of range; cheap, so the CLI runs it before loading a model."""
+    positive = {"per_category": per_category, "pld_tokens": pld_tokens, "max_new_tokens": max_new_tokens}
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise BenchError(f"{name} must be at least 1, got {value}.")
+    if num_draft_tokens is not None and (not num_draft_tokens or min(num_draft_tokens) < 1):
+        raise BenchError(f"every K must be at least 1, got {list(num_draft_tokens)}.")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def run_bench(
+    model: FastMTPForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | os.PathLike,
+    *,
+    questions: str | os.PathLike = DEFAULT_QUESTIONS,
+    per_category: int | None = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    num_draft_tokens: Sequence[int] | None = None,
+    draft_vocabs: Sequence[str | int] = ("full",),
+    pld_tokens: int = 10,
+    max_new_tokens: int = 128,
+    assistant_model: PreTrainedModel | None = None,
+    assistant_tokenizer: PreTrainedTokenizerBase | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """
+    Runs every (prompt, mode) pair that `output_dir` does not hold yet, then writes the results and returns them.
+
+    `num_draft_tokens` defaults to the head's K. `assistant_model` is needed for the `assisted` method; give
+    `assistant_tokenizer` too when it does not share the model's tokenizer. `model_name` (default: the base model's
+    `name_or_path`) identifies the base in settings.json, next to a hash of the head's weights.
+    """
+    check_options(
+        per_category=per_category,
+        num_draft_tokens=num_draft_tokens,
+        pld_tokens=pld_tokens,
+        max_new_tokens=max_new_tokens,
+    )
+    if "assisted" in methods and assistant_model is None:
+        raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
+    selection = load_questions(questions, per_category)
+    modes = build_modes(methods, num_draft_tokens or [model.config.num_draft_tokens], draft_vocabs, pld_tokens)
+    output_dir = Path(output_dir)
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "model": model_identity(model, model_name),
+        "max_new_tokens": max_new_tokens,
+    }
+    run = {
+        "questions": str(questions),
+        "per_category": per_category,
+        "modes": [mode.label for mode in modes],
+        "head": model.name_or_path or None,
+        "assistant": None if assistant_model is None else assistant_model.config.name_or_path,
+    }
+    hardware = hardware_info(model)
+    _open_output(output_dir, identity, {**run, "hardware": hardware})
+
+    records_path = output_dir / RECORDS_NAME
+    done = {(record["question_id"], record["mode"]) for record in _read_records(records_path)}
+    todo = [
+        (question, [mode for mode in rotated(modes, index) if (question["question_id"], mode.label) not in done])
+        for index, question in enumerate(selection)
+    ]
+    todo = [(question, pending) for question, pending in todo if pending]
+    if todo:
+        generate_kwargs = _greedy_kwargs(model, tokenizer, max_new_tokens)
+        assistant_kwargs = _assistant_kwargs(tokenizer, assistant_model, assistant_tokenizer)
+        _run_pending(model, tokenizer, todo, modes, records_path, generate_kwargs, assistant_kwargs, progress)
+
+    # This run's plan only, in its order: the folder may also hold records of other modes or prompts.
+    planned = {
+        (question["question_id"], mode.label): (q, m)
+        for q, question in enumerate(selection)
+        for m, mode in enumerate(modes)
+    }
+    records = sorted(
+        (record for record in _read_records(records_path) if (record["question_id"], record["mode"]) in planned),
+        key=lambda record: planned[record["question_id"], record["mode"]],
+    )
+    results = {"settings": {**identity, **run}, "hardware": hardware, **aggregate(records)}
+    write_reports(results, output_dir)
+    return results
+
+
+def _run_pending(
+    model: FastMTPForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    todo: list[tuple[dict, list[Mode]]],
+    modes: Sequence[Mode],
+    records_path: Path,
+    generate_kwargs: dict,
+    assistant_kwargs: dict,
+    progress: bool,
+) -> None:
+    """One warm-up call per mode, then the pending runs, each record appended as soon as it is measured."""
+    pending_labels = {mode.label for _, pending in todo for mode in pending}
+    warm_up = {key: value.to(model.device) for key, value in encode_chat(tokenizer, WARM_UP_PROMPT).items()}
+    for mode in modes:
+        if mode.label in pending_labels:
+            fastmtp, kwargs = _mode_kwargs(mode, assistant_kwargs)
+            # Also fails fast, before the long run, on a mode the model cannot run (e.g. an unknown draft vocabulary).
+            try:
+                model.generate(
+                    **warm_up, fastmtp=fastmtp, **{**generate_kwargs, **kwargs, "max_new_tokens": WARM_UP_TOKENS}
+                )
+            except ValueError as error:
+                raise BenchError(f"Mode {mode.label} cannot run: {error}") from error
+
+    total = sum(len(pending) for _, pending in todo)
+    with tqdm(total=total, unit="run", desc="bench", disable=not progress) as bar:
+        for question, pending in todo:
+            inputs = {key: value.to(model.device) for key, value in encode_chat(tokenizer, question["prompt"]).items()}
+            for mode in pending:
+                bar.set_postfix_str(f"{question['category']} {question['question_id']} {mode.label}")
+                fastmtp, kwargs = _mode_kwargs(mode, assistant_kwargs)
+                result = timed_generate(model, inputs, fastmtp, **generate_kwargs, **kwargs)
+                record = {
+                    "question_id": question["question_id"],
+                    "category": question["category"],
+                    "mode": mode.label,
+                    "method": mode.method,
+                    "options": mode.options,
+                    "prompt_tokens": inputs["input_ids"].shape[1],
+                    "new_token_ids": result.new_token_ids,
+                    "seconds": result.seconds,
+                    "stats": None if result.stats is None else result.stats.to_dict(),
+                }
+                _append_record(records_path, record)
+                bar.update()
+
+
+def _mode_kwargs(mode: Mode, assistant_kwargs: dict) -> tuple[bool, dict]:
+    """`(fastmtp, generate() arguments)` for a mode."""
+    if mode.method == "assisted":
+        return False, assistant_kwargs
+    return mode.method == "fastmtp", dict(mode.options)
+
+
+def _greedy_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> dict:
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    # Without it generate() warns on every call.
+    if model.generation_config.pad_token_id is None:
+        kwargs["pad_token_id"] = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+    return kwargs
+
+
+def _assistant_kwargs(
+    tokenizer: PreTrainedTokenizerBase,
+    assistant_model: PreTrainedModel | None,
+    assistant_tokenizer: PreTrainedTokenizerBase | None,
+) -> dict:
+    if assistant_model is None:
+        return {}
+    if assistant_tokenizer is None or assistant_tokenizer.get_vocab() == tokenizer.get_vocab():
+        return {"assistant_model": assistant_model}
+    # Another vocabulary: Transformers' universal assisted decoding translates between the two tokenizers.
+    return {"assistant_model": assistant_model, "tokenizer": tokenizer, "assistant_tokenizer": assistant_tokenizer}
+
+
+def model_identity(model: FastMTPForCausalLM, model_name: str | None = None) -> dict:
+    """What makes records comparable: the base model, the head's weights (by hash) and the dtype."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.head.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {
+        "base": model_name or model.model.config.name_or_path or model.config.base_model_name_or_path,
+        "head_sha256": digest.hexdigest()[:16],
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def hardware_info(model: PreTrainedModel) -> dict:
+    device = model.device
+    return {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+    }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------- output folder
+
+
+def _open_output(folder: Path, identity: dict, run: dict) -> None:
+    """Records this run in settings.json; refuses a folder whose records were made with another model or settings."""
+    path = folder / SETTINGS_NAME
+    if path.exists():
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise BenchError(f"{path} is not valid JSON ({error}).") from None
+        changed = [
+            f"{key} {settings.get(key)!r} there, {identity[key]!r} now"
+            for key in IDENTITY_KEYS
+            if settings.get(key) != identity[key]
+        ]
+        assistants = {entry["assistant"] for entry in settings["runs"]} | {run["assistant"]}
+        if len(assistants - {None}) > 1:
+            changed.append(f"assistant {sorted(assistants - {None})}")
+        if changed:
+            raise BenchError(
+                f"{folder} holds records made with other settings ({'; '.join(changed)}). Their timings and outputs "
+                "are not comparable with this run's: use another --output folder, or the settings it was made with."
+            )
+    elif (folder / RECORDS_NAME).exists():
+        raise BenchError(
+            f"{folder} has {RECORDS_NAME} but no {SETTINGS_NAME}; refusing to mix in records of unknown origin."
+        )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = {**identity, "runs": []}
+    if run not in settings["runs"]:
+        settings["runs"].append(run)
+    _write_json(path, settings)
+
+
+def _read_records(path: Path) -> list[dict]:
+    """
+    The records of `path` (none if it does not exist). A bad last line is what an interrupted append leaves: it is
+    cut off so that the next append starts clean. A bad line anywhere else is corruption and an error.
+    """
+    if not path.exists():
+        return []
+    records, valid_end = [], 0
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, 1):
+            record = _parse_record(line)
+            if record is None:
+                if file.read(1):
+                    raise BenchError(f"{path}, line {number}: not a record with the fields {', '.join(RECORD_FIELDS)}.")
+                logger.warning("%s: removing a torn last line left by an interrupted run.", path)
+                os.truncate(path, valid_end)
+                break
+            records.append(record)
+            valid_end += len(line)
+    return records
+
+
+def _parse_record(line: bytes) -> dict | None:
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and all(name in record for name in RECORD_FIELDS) else None
+
+
+def _append_record(path: Path, record: dict) -> None:
+    """One line, one write, then fsync: an interrupt can leave only a torn last line, which the next run cuts off."""
+    with open(path, "ab") as file:
+        file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written beside and renamed over the old file, so that it is always whole."""
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "w", encoding="utf-8") as file:
+        file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staging, path)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def aggregate(records: Sequence[dict], reference: str = REFERENCE) -> dict:
+    """
+    Per mode, overall and per category: prompts, tokens, seconds, tok/s (total tokens / total seconds), speedup over
+    `reference` (its total seconds over the mode's, on the prompts both ran), and for FastMTP tau and per-position
+    acceptance from summed counts (a ratio of sums, not a mean of per-prompt ratios); plus the lossless check.
+    Modes and categories keep the order in which they first appear in `records`.
+    """
+    modes = list(dict.fromkeys(record["mode"] for record in records))
+    categories = list(dict.fromkeys(record["category"] for record in records))
+    reference_seconds = {r["question_id"]: r["seconds"] for r in records if r["mode"] == reference}
+    by_mode = {}
+    for mode in modes:
+        own = [record for record in records if record["mode"] == mode]
+        by_mode[mode] = {
+            "method": own[0]["method"],
+            "options": own[0]["options"],
+            "overall": summarize(own, reference_seconds),
+            "categories": {
+                category: summarize(in_category, reference_seconds)
+                for category in categories
+                if (in_category := [record for record in own if record["category"] == category])
+            },
+        }
+    return {
+        "reference": reference,
+        "modes": modes,
+        "categories": categories,
+        "by_mode": by_mode,
+        "lossless": check_lossless(records, reference),
+    }
+
+
+def summarize(records: Sequence[dict], reference_seconds: dict) -> dict:
+    """Totals and rates of one mode's records; `reference_seconds` maps question_id to the reference's seconds."""
+    tokens = sum(len(record["new_token_ids"]) for record in records)
+    seconds = sum(record["seconds"] for record in records)
+    paired = [record for record in records if record["question_id"] in reference_seconds]
+    paired_seconds = sum(record["seconds"] for record in paired)
+    summary = {
+        "prompts": len(records),
+        "new_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "speedup": (
+            sum(reference_seconds[record["question_id"]] for record in paired) / paired_seconds
+            if paired and paired_seconds
+            else None
+        ),
+    }
+    stats = [record["stats"] for record in records if record["stats"] is not None]
+    if stats:
+        summary.update(acceptance(stats))
+    return summary
+
+
+def acceptance(stats: Sequence[dict]) -> dict:
+    """tau and per-position acceptance of several generate() calls, from their summed counts."""
+    cycles = sum(entry["cycles"] for entry in stats)
+    drafted = [sum(counts) for counts in zip_longest(*(entry["drafted_per_position"] for entry in stats), fillvalue=0)]
+    accepted = [
+        sum(counts) for counts in zip_longest(*(entry["accepted_per_position"] for entry in stats), fillvalue=0)
+    ]
+    # Drafts at position k are only judged when drafts 1..k-1 were all accepted.
+    reached = drafted[:1] + accepted[:-1]
+    vocab_sizes = [entry["draft_vocab_size"] for entry in stats if entry.get("draft_vocab_size") is not None]
+    return {
+        "cycles": cycles,
+        "tau": (sum(accepted) + cycles) / cycles if cycles else None,
+        "drafted_per_position": drafted,
+        "accepted_per_position": accepted,
+        "acceptance_cumulative": [a / d if d else None for a, d in zip(accepted, drafted)],
+        "acceptance_conditional": [a / r if r else None for a, r in zip(accepted, reached)],
+        "draft_seconds": sum(entry["draft_seconds"] for entry in stats),
+        "verify_seconds": sum(entry["verify_seconds"] for entry in stats),
+        "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,
+        "languages": dict(Counter(entry.get("language") or "unknown" for entry in stats)),
+    }
+
+
+def check_lossless(records: Sequence[dict], reference: str = REFERENCE) -> dict:
+    """Every mode's output against the reference's on the same prompt: greedy speculation must not change a token."""
+    expected = {record["question_id"]: record["new_token_ids"] for record in records if record["mode"] == reference}
+    compared = [record for record in records if record["mode"] != reference and record["question_id"] in expected]
+    mismatches = [
+        {
+            "question_id": record["question_id"],
+            "category": record["category"],
+            "mode": record["mode"],
+            "first_difference": first_difference(record["new_token_ids"], expected[record["question_id"]]),
+        }
+        for record in compared
+        if record["new_token_ids"] != expected[record["question_id"]]
+    ]
+    return {"compared": len(compared), "mismatches": mismatches, "identical": not mismatches}
+
+
+def first_difference(tokens: Sequence[int], expected: Sequence[int]) -> int:
+    """Index of the first token where the two differ (the shorter length if one is a prefix of the other)."""
+    return next(
+        (index for index, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected))
+    )
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def write_reports(results: dict, output_dir: Path) -> list[Path]:
+    """results.json, results.md and the plots; returns the paths written."""
+    _write_json(output_dir / RESULTS_JSON_NAME, results)
+    (output_dir / RESULTS_MD_NAME).write_text(render_markdown(results), encoding="utf-8")
+    return [output_dir / RESULTS_JSON_NAME, output_dir / RESULTS_MD_NAME, *write_plots(results, output_dir)]
+
+
+def render_markdown(results: dict) -> str:
+    settings, model = results["settings"], results["settings"]["model"]
+    per_category = "all" if settings["per_category"] is None else settings["per_category"]
+    sections = [
+        "# fastmtp bench",
+        (
+            f"Greedy, batch 1, at most {settings['max_new_tokens']} new tokens; {model['base'] or 'unnamed base'} "
+            f"(head {model['head_sha256']}, {model['dtype']}); questions {settings['questions']}, "
+            f"{per_category} per category."
+        ),
+        summary_table(results),
+        (
+            "Speedup: the reference's total seconds over the mode's, on the same prompts. tok/s: total new tokens over "
+            "total seconds. tau: tokens per verification pass."
+        ),
+    ]
+    if any(entry["overall"].get("tau") is not None for entry in results["by_mode"].values()):
+        sections += ["## Acceptance by draft position (cumulative / conditional)", acceptance_table(results)]
+    sections += [lossless_line(results), hardware_line(results["hardware"])]
+    return "\n\n".join(sections) + "\n"
+
+
+def summary_table(results: dict) -> str:
+    """Rows: categories and overall; columns: speedup, tau (FastMTP) and tok/s of each mode."""
+    columns = []  # (mode, metric)
+    for mode in results["modes"]:
+        entry = results["by_mode"][mode]
+        if mode != results["reference"]:
+            columns.append((mode, "speedup"))
+        if entry["overall"].get("tau") is not None:
+            columns.append((mode, "tau"))
+        columns.append((mode, "tokens_per_second"))
+    names = {"speedup": "speedup", "tau": "tau", "tokens_per_second": "tok/s"}
+    header = ["category", *(f"{mode} {names[metric]}" for mode, metric in columns)]
+    rows = []
+    for category in [*results["categories"], "overall"]:
+        cells = [category]
+        for mode, metric in columns:
+            entry = results["by_mode"][mode]
+            summary = entry["overall"] if category == "overall" else entry["categories"].get(category, {})
+            cells.append(_format(metric, summary.get(metric)))
+        rows.append(cells)
+    return format_table(header, rows)
+
+
+def acceptance_table(results: dict) -> str:
+    fastmtp = {
+        mode: entry["overall"] for mode, entry in results["by_mode"].items() if entry["overall"].get("tau") is not None
+    }
+    positions = max(len(summary["acceptance_cumulative"]) for summary in fastmtp.values())
+    header = ["mode", "tau", "cycles", *(f"k={k}" for k in range(1, positions + 1))]
+    rows = [
+        [
+            mode,
+            _format("tau", summary["tau"]),
+            str(summary["cycles"]),
+            *(
+                f"{_percent(cumulative)} / {_percent(conditional)}"
+                for cumulative, conditional in zip(summary["acceptance_cumulative"], summary["acceptance_conditional"])
+            ),
+            *[""] * (positions - len(summary["acceptance_cumulative"])),
+        ]
+        for mode, summary in fastmtp.items()
+    ]
+    return format_table(header, rows)
+
+
+def lossless_line(results: dict) -> str:
+    check, reference = results["lossless"], results["reference"]
+    if not check["compared"]:
+        return f"**Lossless**: not checked (no outputs to compare with `{reference}`)."
+    if check["identical"]:
+        return f"**Lossless**: yes, all {check['compared']} outputs are identical to `{reference}`."
+    shown = check["mismatches"][:20]
+    listed = "; ".join(
+        f"question {m['question_id']} ({m['category']}, {m['mode']}, from token {m['first_difference']})" for m in shown
+    )
+    more = (
+        f"; and {len(check['mismatches']) - len(shown)} more (see results.json)"
+        if len(check["mismatches"]) > len(shown)
+        else ""
+    )
+    counts = f"{len(check['mismatches'])} of {check['compared']} outputs differ from `{reference}`"
+    return f"**Lossless**: NO, {counts}: {listed}{more}."
+
+
+def hardware_line(hardware: dict) -> str:
+    return (
+        f"**Hardware**: {hardware['cpu']}, device {hardware['device']}, torch threads {hardware['threads']}, "
+        f"torch {hardware['torch']}, transformers {hardware['transformers']}."
+    )
+
+
+def _format(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return {"speedup": f"{value:.2f}x", "tau": f"{value:.2f}", "tokens_per_second": f"{value:.1f}"}[metric]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def write_plots(results: dict, output_dir: Path) -> list[Path]:
+    """The PNG plots that the results support; none, with a warning, when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no global backend state
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (pip install matplotlib).")
+        return []
+    plots = {"speedup.png": plot_speedup, "acceptance.png": plot_acceptance}
+    plots.update({"k_sweep.png": plot_k_sweep, "vocab_sweep.png": plot_vocab_sweep})
+    written = []
+    for name, plot in plots.items():
+        figure = Figure(figsize=(9, 4.5), layout="constrained")
+        if plot(figure, results):
+            figure.savefig(output_dir / name, dpi=120)
+            written.append(output_dir / name)
+    return written
+
+
+def plot_speedup(figure, results: dict) -> bool:
+    """Grouped bars: one group per category (and overall), one bar per mode."""
+    modes = [mode for mode in results["modes"] if mode != results["reference"]]
+    if not modes:
+        return False
+    groups = [*results["categories"], "overall"]
+    axes = figure.subplots()
+    width = 0.8 / len(modes)
+    for index, mode in enumerate(modes):
+        entry = results["by_mode"][mode]
+        values = [
+            (entry["overall"] if group == "overall" else entry["categories"].get(group, {})).get("speedup") or 0.0
+            for group in groups
+        ]
+        axes.bar([g + (index - (len(modes) - 1) / 2) * width for g in range(len(groups))], values, width, label=mode)
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    axes.set_ylabel(f"speedup over {results['reference']}")
+    axes.legend(fontsize="small")
+    return True
+
+
+def plot_acceptance(figure, results: dict) -> bool:
+    """Cumulative and conditional acceptance by draft position, one line per FastMTP mode."""
+    fastmtp = {m: e["overall"] for m, e in results["by_mode"].items() if e["overall"].get("tau") is not None}
+    if not fastmtp:
+        return False
+    for axes, key in zip(figure.subplots(1, 2, sharey=True), ("acceptance_cumulative", "acceptance_conditional")):
+        for mode, summary in fastmtp.items():
+            values = [value if value is not None else float("nan") for value in summary[key]]
+            axes.plot(range(1, len(values) + 1), values, marker="o", label=mode)
+        axes.set_title(key.removeprefix("acceptance_"))
+        axes.set_xlabel("draft position k")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.set_ylim(0, 1)
+    figure.axes[0].set_ylabel("acceptance")
+    figure.axes[0].legend(fontsize="small")
+    return True
+
+
+def plot_k_sweep(figure, results: dict) -> bool:
+    """tau and tok/s against K, one line per draft vocabulary."""
+    lines = _sweep(results, along="num_draft_tokens", per="draft_vocab")
+    if not lines:
+        return False
+    for axes, metric in zip(figure.subplots(1, 2), ("tau", "tokens_per_second")):
+        for vocab, points in lines.items():
+            axes.plot(
+                [k for k, _ in points], [summary[metric] for _, summary in points], marker="o", label=f"vocab {vocab}"
+            )
+        axes.set_xlabel("K (drafts per cycle)")
+        axes.set_ylabel("tau" if metric == "tau" else "tok/s")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.axes[0].legend(fontsize="small")
+    return True
+
+
+def plot_vocab_sweep(figure, results: dict) -> bool:
+    """tau and tok/s against the draft vocabulary (ordered by size; "auto" by its mean size), one line per K."""
+    lines = _sweep(results, along="draft_vocab", per="num_draft_tokens")
+    if not lines:
+        return False
+    sizes = _vocab_sizes(results)
+    order = list(sizes)
+    labels = [str(v) if isinstance(v, int) or sizes[v] == float("inf") else f"{v} ({sizes[v]:.0f})" for v in order]
+    for axes, metric in zip(figure.subplots(1, 2), ("tau", "tokens_per_second")):
+        for k, points in lines.items():
+            points = sorted(points, key=lambda point: order.index(point[0]))
+            axes.plot([order.index(v) for v, _ in points], [s[metric] for _, s in points], marker="o", label=f"K={k}")
+        axes.set_xticks(range(len(order)), labels)
+        axes.set_xlabel("draft vocabulary")
+        axes.set_ylabel("tau" if metric == "tau" else "tok/s")
+    figure.axes[0].legend(fontsize="small")
+    return True
+
+
+def _sweep(results: dict, along: str, per: str) -> dict:
+    """`{value of per: [(value of along, overall summary)]}` over the FastMTP modes, if `along` takes several values."""
+    fastmtp = [entry for entry in results["by_mode"].values() if entry["method"] == "fastmtp"]
+    if len({entry["options"][along] for entry in fastmtp}) < 2:
+        return {}
+    lines: dict = {}
+    for entry in fastmtp:
+        lines.setdefault(entry["options"][per], []).append((entry["options"][along], entry["overall"]))
+    return lines
+
+
+def _vocab_sizes(results: dict) -> dict:
+    """`{draft vocabulary: mean size in the stats}`, small to large; sizes the stats do not give count as infinite."""
+    sizes = {}
+    for entry in results["by_mode"].values():
+        if entry["method"] == "fastmtp":
+            size = entry["overall"].get("mean_draft_vocab_size")
+            sizes[entry["options"]["draft_vocab"]] = float("inf") if size is None else size
+    return dict(sorted(sizes.items(), key=lambda item: (item[1], str(item[0]))))
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def register_cli(commands: argparse._SubParsersAction) -> None:
+    """Adds the `bench` subcommand to the `fastmtp` command line."""
+    parser = commands.add_parser(
+        "bench",
+        help="Spec-Bench: speedup, tau, acceptance and tok/s of FastMTP and other methods against plain decoding",
+        description="Times greedy decoding modes on Spec-Bench prompts (first turns), interleaved per prompt, and "
+        "writes records.jsonl, results.json, results.md and plots to --output. Rerun the same command to resume.",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="folder for settings, records, results and plots"
+    )
+    parser.add_argument(
+        "--questions",
+        default=str(DEFAULT_QUESTIONS),
+        metavar="PATH",
+        help=f"Spec-Bench JSONL: question_id, category, turns (default: {DEFAULT_QUESTIONS}, from the current folder)",
+    )
+    parser.add_argument(
+        "--per-category", type=int, metavar="N", help="the first N questions of each category (default: all)"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=METHODS,
+        help=f"what to compare (default: {' '.join(DEFAULT_METHODS)}, plus assisted with --assistant); "
+        f"{REFERENCE} always runs, as the reference for speedup and the lossless check",
+    )
+    parser.add_argument(
+        "--k", type=int, nargs="+", metavar="K", help="FastMTP drafts per cycle, one run each (default: the head's)"
+    )
+    parser.add_argument(
+        "--draft-vocab",
+        type=parse_draft_vocab,
+        nargs="+",
+        metavar="VOCAB",
+        default=["full"],
+        help="FastMTP draft vocabularies, one run each: full, auto, a language code or a size (default: full)",
+    )
+    parser.add_argument(
+        "--pld-tokens", type=int, default=10, metavar="N", help="prompt lookup decoding: tokens per lookup"
+    )
+    parser.add_argument("--assistant", metavar="PATH_OR_ID", help="draft model folder or Hub id for assisted decoding")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="per prompt (default: 128)")
+    parser.add_argument(
+        "--base", metavar="PATH_OR_ID", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--head", metavar="PATH", help="FastMTP head folder (default: the shipped head; with --base: a new head)"
+    )
+    parser.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    methods = args.modes or [*DEFAULT_METHODS, *(["assisted"] if args.assistant else [])]
+    try:
+        # Checked before the model loads, which can take half a minute.
+        check_options(
+            per_category=args.per_category,
+            num_draft_tokens=args.k,
+            pld_tokens=args.pld_tokens,
+            max_new_tokens=args.max_new_tokens,
+        )
+        if "assisted" in methods and not args.assistant:
+            raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
+        if not Path(args.questions).is_file():
+            raise BenchError(
+                f"Questions file {args.questions} not found (the default, {DEFAULT_QUESTIONS}, is relative to the "
+                "current directory): pass --questions PATH."
+            )
+        from .cli import load_model
+        from .embedded import DEFAULT_BASE_NAME
+
+        model, tokenizer = load_model(args)
+        assistant_model, assistant_tokenizer = (
+            _load_assistant(args.assistant, model) if "assisted" in methods else (None, None)
+        )
+        results = run_bench(
+            model,
+            tokenizer,
+            args.output,
+            questions=args.questions,
+            per_category=args.per_category,
+            methods=methods,
+            num_draft_tokens=args.k,
+            draft_vocabs=args.draft_vocab,
+            pld_tokens=args.pld_tokens,
+            max_new_tokens=args.max_new_tokens,
+            assistant_model=assistant_model,
+            assistant_tokenizer=assistant_tokenizer,
+            model_name=args.base or DEFAULT_BASE_NAME,
+        )
+    except BenchError as error:
+        raise SystemExit(f"fastmtp bench: error: {error}") from None
+    print(summary_table(results))
+    print(f"\n{lossless_line(results)}\nFull results: {Path(args.output) / RESULTS_MD_NAME}")
+
+
+def _load_assistant(name: str, model: PreTrainedModel) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assistant = AutoModelForCausalLM.from_pretrained(name, dtype=model.dtype).to(model.device).eval()
+    return assistant, AutoTokenizer.from_pretrained(name)
+
+
+__all__ = [
+    "BenchError",
+    "Mode",
+    "Run",
+    "acceptance",
+    "aggregate",
+    "build_modes",
+    "check_lossless",
+    "load_questions",
+    "register_cli",
+    "render_markdown",
+    "run_bench",
+    "timed_generate",
+    "write_reports",
+]

@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from .modeling_fastmtp import FastMTPForCausalLM
 
 
+@dataclass(frozen=True)
+class DraftVocabulary:
+    """A restricted drafting vocabulary and the lm_head rows for it, sliced once and reused for every step."""
+
+    name: str
+    token_ids: torch.LongTensor
+    lm_head_weight: torch.Tensor
+    lm_head_bias: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.token_ids.numel()
+
+
 @dataclass
 class FastMTPStats:
     """What happened during one `generate(fastmtp=True)` call."""
@@ -97,8 +111,9 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         generation_config: the call's generation config (`do_sample`, `max_length`).
         logits_processor: the call's processors; drafts are chosen from processed logits so that, when sampling, the
             returned candidate logits are exactly the distribution q each draft was drawn from.
-        draft_token_ids: optional 1-D tensor of token ids drafting is restricted to (vocabulary compression);
-            verification always uses the full vocabulary.
+        draft_vocabulary: optional restricted vocabulary to draft over (vocabulary compression); verification
+            always uses the full vocabulary, so the output does not change.
+        language: the prompt language the vocabulary was chosen for, recorded in the stats.
     """
 
     requires_model_outputs = True
@@ -111,14 +126,15 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         num_draft_tokens: int,
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None = None,
-        draft_token_ids: torch.LongTensor | None = None,
+        draft_vocabulary: DraftVocabulary | None = None,
+        language: str | None = None,
     ):
         self.model = model
         self.num_draft_tokens = num_draft_tokens
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = generation_config.max_length
         self.logits_processor = logits_processor if logits_processor else None
-        self.draft_token_ids = draft_token_ids
+        self.draft_vocabulary = draft_vocabulary
         self.head_cache = DynamicCache(config=model.head_config)
         # Sliding-window layers (Mistral) must keep their past until the speculative entries are cropped.
         self.head_cache.activate_past_recording()
@@ -126,7 +142,8 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self.head_cache_speculative_length = 0
         self.stats = FastMTPStats(
             num_draft_tokens=num_draft_tokens,
-            draft_vocab_size=None if draft_token_ids is None else int(draft_token_ids.numel()),
+            language=language,
+            draft_vocab_size=model.vocab_size if draft_vocabulary is None else draft_vocabulary.size,
         )
         self._num_drafted = 0
         self._clock = time.perf_counter()
@@ -184,10 +201,10 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self, candidate_ids: torch.LongTensor, head_output: torch.Tensor
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         """Next draft token from the head's output; when sampling, also the (full-vocabulary) logits it came from."""
-        logits = self.model.draft_logits(head_output, self.draft_token_ids)
+        logits = self.model.draft_logits(head_output, self.draft_vocabulary)
         if self.logits_processor is None and not self.do_sample:
             next_token = logits.argmax(dim=-1)
-            return (next_token if self.draft_token_ids is None else self.draft_token_ids[next_token]), None
+            return (next_token if self.draft_vocabulary is None else self.draft_vocabulary.token_ids[next_token]), None
 
         logits = self._to_full_vocabulary(logits.float())
         if self.logits_processor is not None:
@@ -198,10 +215,10 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         return next_token, logits
 
     def _to_full_vocabulary(self, logits: torch.FloatTensor) -> torch.FloatTensor:
-        if self.draft_token_ids is None:
+        if self.draft_vocabulary is None:
             return logits
         full = logits.new_full((logits.shape[0], self.model.vocab_size), float("-inf"))
-        return full.index_copy_(1, self.draft_token_ids, logits)
+        return full.index_copy_(1, self.draft_vocabulary.token_ids, logits)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         now = self._synchronized_time()
@@ -220,4 +237,4 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         return time.perf_counter()
 
 
-__all__ = ["FastMTPCandidateGenerator", "FastMTPStats"]
+__all__ = ["DraftVocabulary", "FastMTPCandidateGenerator", "FastMTPStats"]

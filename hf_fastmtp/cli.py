@@ -139,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
+    from .bench import register_cli as register_bench
+    from .checkpoints import register_cli as register_export
     from .distill import register_cli as register_distill
+    from .vocab import register_cli as register_vocab
 
     register_distill(commands)
+    register_vocab(commands)
+    register_bench(commands)
+    register_export(commands)
     return parser
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import json
 import os
+import tempfile
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,13 +23,18 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 from transformers.cache_utils import StaticCache
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.utils import CONFIG_NAME
 
-from .candidate_generator import FastMTPCandidateGenerator, FastMTPStats
+from .candidate_generator import DraftVocabulary, FastMTPCandidateGenerator, FastMTPStats
 from .configuration_fastmtp import FastMTPConfig, base_signature, check_num_draft_tokens
+from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
 from .mtp_head import FastMTPHead
 
 HEAD_WEIGHTS_NAME = "model.safetensors"
 HEAD_PREFIX = "mtp_layers.0."
+MIMO_MODEL_TYPE = "mimo"
+# Vocabulary maps are saved under this folder of a head folder.
+VOCAB_DIR = "vocab"
 # generate() arguments that belong to FastMTP and must never reach the model's forward.
 FASTMTP_GENERATE_KWARGS = ("fastmtp", "num_draft_tokens", "draft_vocab")
 
@@ -74,6 +82,14 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         self._head_mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
         self.generation_config = GenerationConfig.from_dict(base_model.generation_config.to_dict())
         self.last_fastmtp_stats: FastMTPStats | None = None
+        # Language -> token ids (most frequent first) that drafting may be restricted to; "all" is the overall map.
+        self.draft_vocab_maps: dict[str, torch.LongTensor] = {}
+        self._draft_vocab_cache: dict[tuple[str, int], DraftVocabulary] = {}
+        # Reads the prompt's language for draft_vocab="auto" when generate() is not given a `tokenizer`.
+        self.prompt_tokenizer = None
+        if config.draft_vocab_maps:  # local files by now (from_pretrained resolves and downloads them)
+            maps = {key: load_vocab_map(path, self.vocab_size) for key, path in config.draft_vocab_maps.items()}
+            self.set_draft_vocab_maps(maps, default=config.default_draft_vocab)
         self._fastmtp_call = threading.local()
         self.post_init()
 
@@ -118,18 +134,34 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         revision: str | None = None,
         dtype: torch.dtype | str | None = "auto",
         device_map: Any = None,
+        draft_vocab_maps: dict[str, str] | None = None,
         **kwargs,
     ) -> FastMTPForCausalLM:
         """
         Loads a head-only folder or Hub repo and the base model it names (`config.base_model_name_or_path`), or the
-        given `base_model` (a loaded model, or a path / Hub id to load instead of the one the head names).
+        given `base_model` (a loaded model, or a path / Hub id to load instead of the one the head names). Also loads
+        MiMo checkpoints (`TencentBAC/FastMTP`, `XiaomiMiMo/MiMo-7B-*`), whose base and MTP layer share one set of
+        weights: the base becomes a plain `Qwen2ForCausalLM` and `model.mtp_layers.0` the head.
+
         `dtype`, `device_map`, `revision` and Hub arguments (`cache_dir`, `token`, `local_files_only`, ...) pass
-        through to the base model's `from_pretrained`.
+        through to the base model's `from_pretrained`. `draft_vocab_maps` adds vocabulary maps (language -> local file
+        or `"repo_id:filename"`); after loading, `config.draft_vocab_maps` holds every map as a local file path.
         """
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         kwargs.pop("trust_remote_code", None)
         if config is None:
-            config = FastMTPConfig.from_pretrained(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
+            if is_mimo_config(resolve_file(pretrained_model_name_or_path, CONFIG_NAME, revision, hub_kwargs)):
+                return fastmtp_checkpoints("Loading MiMo checkpoints").load_mimo(
+                    cls,
+                    pretrained_model_name_or_path,
+                    revision=revision,
+                    dtype=dtype,
+                    device_map=device_map,
+                    draft_vocab_maps=draft_vocab_maps,
+                    **hub_kwargs,
+                    **kwargs,
+                )
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
         if not isinstance(base_model, PreTrainedModel):
             base_id = base_model or config.base_model_name_or_path
             if base_id is None:
@@ -138,29 +170,65 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
                     "(`base_model_name_or_path` is empty in config.json): pass `base_model=` (a model or its path)."
                 )
             base_revision = config.base_model_revision if base_model is None else None
-            base_model = AutoModelForCausalLM.from_pretrained(
-                base_id, revision=base_revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs
-            )
+            base_model = load_base_model(base_id, base_revision, dtype, device_map, hub_kwargs, kwargs)
+        config.draft_vocab_maps = local_draft_vocab_maps(
+            config.draft_vocab_maps, draft_vocab_maps, pretrained_model_name_or_path, revision, hub_kwargs
+        )
         model = cls(config, base_model=base_model)
         weights_file = resolve_file(pretrained_model_name_or_path, HEAD_WEIGHTS_NAME, revision, hub_kwargs)
         model.load_head_state_dict(read_safetensors(weights_file))
         model.name_or_path = str(pretrained_model_name_or_path)
-        return model
+        return model.eval()
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Writes a head-only folder: config (with `auto_map`), the code to load it, head weights, generation config."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, model_card_extra: dict[str, Any] | None = None, **kwargs
+    ) -> None:
+        """
+        Writes a head-only folder: config (with `auto_map`), the code to load it, head weights, generation config,
+        the vocabulary maps (copied under `vocab/`) and a model card (README.md; `model_card_extra` as in
+        `hf_fastmtp.checkpoints.model_card`).
+        """
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"{save_directory} is a file; `save_pretrained` needs a folder.")
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.register_for_auto_class("AutoModelForCausalLM")
+        self.config.register_for_auto_class()
         # Copies this module, its relative imports and the config's module into the folder and fills `auto_map`.
         custom_object_save(self, save_directory, config=self.config)
-        self.config.save_pretrained(save_directory)
+        # The folder's config names its own copies of the maps.
+        config = copy.deepcopy(self.config)
+        config.draft_vocab_maps = save_vocab_maps(self.draft_vocab_maps, save_directory)
+        config.save_pretrained(save_directory)
         self.generation_config.save_pretrained(save_directory)
         head_state = {HEAD_PREFIX + name: t.detach().contiguous().cpu() for name, t in self.head.state_dict().items()}
         save_file(head_state, save_directory / HEAD_WEIGHTS_NAME, metadata={"format": "pt"})
+        write_model_card(config, save_directory, model_card_extra)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload FastMTP head",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        model_card_extra: dict[str, Any] | None = None,
+    ):
+        """Uploads exactly the head-only folder `save_pretrained` writes; returns the commit's `CommitInfo`."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_card_extra={"repo_id": repo_id, **(model_card_extra or {})})
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     @property
     def head(self) -> FastMTPHead:
@@ -277,19 +345,89 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return self.head(hidden_states, token_embeddings, position_embeddings, position_ids, mask, past_key_values)
 
-    def draft_logits(self, head_output: torch.Tensor, token_ids: torch.LongTensor | None = None) -> torch.Tensor:
-        """lm_head logits of the head's output, over the whole vocabulary or only over `token_ids`."""
+    def draft_logits(self, head_output: torch.Tensor, vocabulary: DraftVocabulary | None = None) -> torch.Tensor:
+        """lm_head logits of the head's output, over the whole vocabulary or over a restricted one."""
         lm_head = self.get_output_embeddings()
         head_output = head_output.to(lm_head.weight.device)
-        if token_ids is None:
+        if vocabulary is None:
             logits = lm_head(head_output)
         else:
-            bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[token_ids]
-            logits = F.linear(head_output, lm_head.weight[token_ids], bias)
+            logits = F.linear(head_output, vocabulary.lm_head_weight, vocabulary.lm_head_bias)
         softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+    # ------------------------------------------------------------------ draft vocabularies
+
+    def set_draft_vocab_maps(self, maps: dict[str, torch.Tensor], default: str | None = None) -> None:
+        """
+        Restricts drafting to frequent tokens: `maps` is language code (or "all") -> 1-D tensor of token ids,
+        most frequent first (SGLang / FR-Spec token-map format). `default` serves prompts whose language has no map.
+        """
+        validated = {key: validate_vocab_map(ids, self.vocab_size, source=f"map {key!r}") for key, ids in maps.items()}
+        if default is not None and default not in validated:
+            raise DraftVocabError(f"Default draft vocabulary {default!r} is not among the maps {sorted(validated)}.")
+        self.draft_vocab_maps = validated
+        self._draft_vocab_cache.clear()
+        if default is None:
+            default = "all" if "all" in validated else next(iter(validated), None)
+        self.config.default_draft_vocab = default
+
+    def draft_vocabulary(self, name: str, size: int | None = None) -> DraftVocabulary:
+        """The map `name` (its `size` most frequent ids), with its lm_head rows sliced once and cached."""
+        token_ids = self.draft_vocab_maps[name]
+        size = token_ids.numel() if size is None else size
+        if not 0 < size <= token_ids.numel():
+            raise ValueError(f"Draft vocabulary {name!r} has {token_ids.numel()} tokens; cannot take the top {size}.")
+        lm_head = self.get_output_embeddings()
+        cached = self._draft_vocab_cache.get((name, size))
+        # A cached slice is reused until the model moves to another device or dtype.
+        if cached is None or cached.lm_head_weight.device != lm_head.weight.device or cached.lm_head_weight.dtype != lm_head.weight.dtype:
+            ids = token_ids[:size].to(lm_head.weight.device)
+            bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[ids]
+            cached = DraftVocabulary(name, ids, lm_head.weight[ids].detach(), bias)
+            self._draft_vocab_cache[(name, size)] = cached
+        return cached
+
+    def resolve_draft_vocab(
+        self, draft_vocab: str | int | None, input_ids: torch.LongTensor | None = None, tokenizer=None
+    ) -> tuple[DraftVocabulary | None, str | None]:
+        """
+        The vocabulary to draft over and the detected language. `draft_vocab` is "full", "auto" (the map of the
+        prompt's language, else the default map; the default when maps exist), a language code, an int (the top-N
+        of the overall map "all"), or "<language or auto>:<N>".
+        """
+        if draft_vocab is None:
+            draft_vocab = "auto" if self.draft_vocab_maps else "full"
+        if draft_vocab == "full":
+            return None, None
+        if isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool):
+            name, size = "all", draft_vocab
+        elif isinstance(draft_vocab, str):
+            name, _, size_text = draft_vocab.partition(":")
+            size = int(size_text) if size_text.isdigit() else None
+            if size_text and size is None:
+                raise ValueError(f"`draft_vocab={draft_vocab!r}`: the size after ':' must be an integer.")
+        else:
+            raise ValueError(f"`draft_vocab` must be 'full', 'auto', a language code or an int, got {draft_vocab!r}.")
+        if not self.draft_vocab_maps:
+            raise ValueError(f"`draft_vocab={draft_vocab!r}` needs vocabulary maps, and this model has none: use 'full'.")
+        language = None
+        if name == "auto":
+            language = self.prompt_language(input_ids, tokenizer)
+            name = language if language in self.draft_vocab_maps else self.config.default_draft_vocab
+        if name not in self.draft_vocab_maps:
+            raise ValueError(f"No draft vocabulary {name!r}: this model has {sorted(self.draft_vocab_maps)} (or 'full').")
+        return self.draft_vocabulary(name, size), language
+
+    def prompt_language(self, input_ids: torch.LongTensor | None, tokenizer=None) -> str | None:
+        """Language of the prompt's last user message, or None when it cannot be read or detected."""
+        tokenizer = tokenizer or self.prompt_tokenizer
+        if tokenizer is None or input_ids is None:
+            return None
+        prompt_text = tokenizer.decode(input_ids[0], skip_special_tokens=False)
+        return detect_language(last_user_message(prompt_text, tokenizer))
 
     # ------------------------------------------------------------------ generation
 
@@ -332,10 +470,10 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         num_draft_tokens = check_num_draft_tokens(
             num_draft_tokens if num_draft_tokens is not None else self.config.num_draft_tokens
         )
-        draft_token_ids = self.resolve_draft_vocab(draft_vocab)
+        draft_vocabulary, language = self.resolve_draft_vocab(draft_vocab, input_ids, kwargs.get("tokenizer"))
         check_fastmtp_call(input_ids, settings, kwargs)
 
-        self._fastmtp_call.request = (num_draft_tokens, draft_token_ids)
+        self._fastmtp_call.request = (num_draft_tokens, draft_vocabulary, language)
         try:
             output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
             stats = self._fastmtp_call.generator.stats
@@ -347,21 +485,15 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         self.last_fastmtp_stats = stats
         return output
 
-    def resolve_draft_vocab(self, draft_vocab: str | int | None) -> torch.LongTensor | None:
-        """Token ids drafting is restricted to, or `None` for the full vocabulary."""
-        if draft_vocab in (None, "full"):
-            return None
-        raise ValueError(f"Unsupported `draft_vocab={draft_vocab!r}`: this head has no vocabulary maps; use 'full'.")
-
     def _get_candidate_generator(self, generation_config: GenerationConfig, logits_processor, **kwargs):
         request = getattr(self._fastmtp_call, "request", None)
         if request is None:
             return super()._get_candidate_generator(
                 generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )
-        num_draft_tokens, draft_token_ids = request
+        num_draft_tokens, draft_vocabulary, language = request
         generator = FastMTPCandidateGenerator(
-            self, num_draft_tokens, generation_config, logits_processor, draft_token_ids=draft_token_ids
+            self, num_draft_tokens, generation_config, logits_processor, draft_vocabulary, language
         )
         self._fastmtp_call.generator = generator
         return generator
@@ -375,7 +507,7 @@ def resolve_file(repo_or_dir: str | os.PathLike, filename: str, revision: str | 
     local = Path(repo_or_dir) / hub_kwargs.get("subfolder", "") / filename
     if Path(repo_or_dir).is_dir():
         if not local.is_file():
-            raise FileNotFoundError(f"{local} is missing: a FastMTP head folder needs {filename}.")
+            raise FileNotFoundError(f"{local} is missing: {repo_or_dir} has no {filename}.")
         return str(local)
     return hf_hub_download(str(repo_or_dir), filename, revision=revision, **hub_kwargs)
 
@@ -388,6 +520,90 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"Could not read the weights in {path}: the file is corrupt or truncated ({error}). "
             "Delete it and download or save it again."
         ) from error
+
+
+def is_mimo_config(config_file: str | os.PathLike) -> bool:
+    with open(config_file, encoding="utf-8") as file:
+        return json.load(file).get("model_type") == MIMO_MODEL_TYPE
+
+
+def fastmtp_checkpoints(purpose: str | None = None) -> ModuleType | None:
+    """
+    `hf_fastmtp.checkpoints`, imported by name: the Hub's copy of this file runs without hf_fastmtp installed, and
+    Transformers requires every package a remote-code file imports to be installed. Without hf_fastmtp: `None`, or,
+    when `purpose` says what needs it, an ImportError.
+    """
+    try:
+        return importlib.import_module("hf_fastmtp.checkpoints")
+    except ModuleNotFoundError as error:
+        if error.name not in ("hf_fastmtp", "hf_fastmtp.checkpoints"):
+            raise
+        if purpose is None:
+            return None
+        raise ImportError(f"{purpose} needs hf_fastmtp: `pip install hf_fastmtp`.") from error
+
+
+def load_base_model(
+    base_id: str | os.PathLike, revision: str | None, dtype, device_map, hub_kwargs: dict, kwargs: dict
+) -> PreTrainedModel:
+    """The base a head names: any causal LM, or the Qwen2 base of a MiMo checkpoint (its own MTP layers unused)."""
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}  # the subfolder is the head's
+    if is_mimo_config(resolve_file(base_id, CONFIG_NAME, revision, hub_kwargs)):
+        return fastmtp_checkpoints("Loading a MiMo base model").load_mimo_base(
+            base_id, revision=revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        base_id, revision=revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs
+    )
+
+
+def local_draft_vocab_maps(
+    saved: dict[str, str] | None,
+    extra: dict[str, str] | None,
+    repo_or_dir: str | os.PathLike,
+    revision: str | None,
+    hub_kwargs: dict,
+) -> dict[str, str] | None:
+    """
+    Every vocabulary map as a local file: `saved` ones (paths in a config.json, relative to its folder or repo, or
+    already local) are resolved or downloaded; `extra` ones are local files or `"repo_id:filename"` on the Hub.
+    """
+    maps = {
+        language: path if Path(path).is_absolute() else resolve_file(repo_or_dir, path, revision, hub_kwargs)
+        for language, path in (saved or {}).items()
+    }
+    maps.update({language: resolve_vocab_map_source(source, hub_kwargs) for language, source in (extra or {}).items()})
+    return maps or None
+
+
+def resolve_vocab_map_source(source: str | os.PathLike, hub_kwargs: dict) -> str:
+    """A vocabulary map given by the user: a local file, or `"repo_id:filename"` on the Hub."""
+    if Path(source).is_file():
+        return str(Path(source).absolute())  # not resolved: a Hub cache's symlink keeps the map's file name
+    repo_id, separator, filename = str(source).partition(":")
+    if not separator or not repo_id or not filename:
+        raise FileNotFoundError(f"Vocabulary map {source!r} is neither a local file nor 'repo_id:filename'.")
+    return hf_hub_download(repo_id, filename, **{k: v for k, v in hub_kwargs.items() if k != "subfolder"})
+
+
+def save_vocab_maps(maps: dict[str, torch.LongTensor], folder: Path) -> dict[str, str] | None:
+    """Writes each map as `vocab/freq_<key>_<size>.pt`; returns the maps' paths relative to `folder`."""
+    if not maps:
+        return None
+    (folder / VOCAB_DIR).mkdir(exist_ok=True)
+    saved = {}
+    for key, token_ids in maps.items():
+        saved[key] = f"{VOCAB_DIR}/freq_{key}_{token_ids.numel()}.pt"
+        torch.save(token_ids.cpu().clone(), folder / saved[key])
+    return saved
+
+
+def write_model_card(config: FastMTPConfig, folder: Path, extra: dict[str, Any] | None) -> None:
+    """README.md from hf_fastmtp's card template; the Hub's copy of this file, running without hf_fastmtp, skips it."""
+    checkpoints = fastmtp_checkpoints()
+    if checkpoints is None:
+        return
+    (folder / "README.md").write_text(checkpoints.model_card(config, extra), encoding="utf-8")
 
 
 def check_head_fits_base(config: FastMTPConfig, base_model: PreTrainedModel) -> None:

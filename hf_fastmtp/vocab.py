@@ -1,0 +1,130 @@
+"""`fastmtp build-vocab`: per-language frequent-token maps from self-distilled responses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .draft_vocab import detect_language
+
+DEFAULT_SIZES = (4096, 8192, 16384, 32768)
+OVERALL = "all"
+
+
+def count_tokens(rows: Iterable[dict], vocab_size: int) -> dict[str, np.ndarray]:
+    """Token counts of the responses, overall ("all") and per detected language of each response's text."""
+    counts: dict[str, np.ndarray] = {OVERALL: np.zeros(vocab_size, dtype=np.int64)}
+    for row in tqdm(rows, desc="counting", unit="response"):
+        ids = np.asarray(row["response_ids"], dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(
+                f"Row {row.get('id')!r} has token ids outside [0, {vocab_size}): the data comes from another tokenizer."
+            )
+        token_counts = np.bincount(ids, minlength=vocab_size)
+        counts[OVERALL] += token_counts
+        language = detect_language(row.get("response", ""))
+        if language is not None:
+            counts.setdefault(language, np.zeros(vocab_size, dtype=np.int64))
+            counts[language] += token_counts
+    return counts
+
+
+def ranked_token_ids(language_counts: np.ndarray, overall_counts: np.ndarray) -> np.ndarray:
+    """All token ids, most frequent in the language first; ties go to the overall count, then to the lower id."""
+    ids = np.arange(language_counts.size)
+    return np.lexsort((ids, -overall_counts, -language_counts))
+
+
+def build_maps(
+    counts: dict[str, np.ndarray], sizes: Sequence[int], min_tokens: int = 10_000
+) -> dict[str, dict[int, torch.LongTensor]]:
+    """Top-N maps per language with at least `min_tokens` counted tokens (fewer would give a noisy ranking)."""
+    maps = {}
+    for language, language_counts in counts.items():
+        if language != OVERALL and language_counts.sum() < min_tokens:
+            continue
+        ranking = torch.from_numpy(ranked_token_ids(language_counts, counts[OVERALL]).copy())
+        maps[language] = {size: ranking[:size].clone() for size in sizes if size <= ranking.numel()}
+    return maps
+
+
+def write_maps(maps: dict[str, dict[int, torch.LongTensor]], output_dir: Path, counts: dict[str, np.ndarray]) -> dict:
+    """Writes `freq_<lang>_<N>.pt` files and `vocab_manifest.json`; returns the manifest."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for language, by_size in maps.items():
+        for size, token_ids in by_size.items():
+            name = f"freq_{language}_{size}.pt"
+            torch.save(token_ids, output_dir / name)
+            files.setdefault(language, {})[size] = name
+    coverage = {
+        language: {
+            size: float(counts[language][by_size[size].numpy()].sum() / max(counts[language].sum(), 1))
+            for size in by_size
+        }
+        for language, by_size in maps.items()
+    }
+    manifest = {
+        "files": files,
+        "tokens_counted": {language: int(counts[language].sum()) for language in maps},
+        "coverage": coverage,
+    }
+    (output_dir / "vocab_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def install_into_head(head_dir: Path, output_dir: Path, manifest: dict, default: str) -> None:
+    """Points a head folder's config at the largest map of each language, so `from_pretrained` loads them."""
+    config_path = head_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    relative = os.path.relpath(output_dir, head_dir)
+    config["draft_vocab_maps"] = {
+        language: f"{relative}/{by_size[max(by_size, key=int)]}" for language, by_size in manifest["files"].items()
+    }
+    config["default_draft_vocab"] = default
+    temporary = config_path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(temporary, config_path)
+
+
+def cmd_build_vocab(args: argparse.Namespace) -> None:
+    from .distill import iter_distilled, read_manifest
+
+    if not (args.output or args.head):
+        raise SystemExit("fastmtp build-vocab: give --output DIR, --head HEAD_DIR, or both.")
+    data_manifest = read_manifest(args.data)
+    vocab_size = data_manifest["tokenizer"]["vocab_size"]
+    counts = count_tokens(iter_distilled(args.data), vocab_size)
+    maps = build_maps(counts, sorted(set(args.sizes)), min_tokens=args.min_tokens)
+    output_dir = Path(args.output or Path(args.head) / "vocab")
+    manifest = write_maps(maps, output_dir, counts)
+    if args.head:
+        install_into_head(Path(args.head), output_dir, manifest, default=args.default)
+    for language, coverage in manifest["coverage"].items():
+        shares = ", ".join(f"top-{size}: {share:.1%}" for size, share in coverage.items())
+        print(f"{language}: {manifest['tokens_counted'][language]} tokens; coverage {shares}")
+
+
+def register_cli(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "build-vocab",
+        help="frequent-token maps per language from self-distilled data",
+        description="Counts token frequencies in self-distilled responses, per detected language and overall, and "
+        "writes top-N maps (freq_<lang>_<N>.pt: 1-D tensors of token ids, most frequent first; the format of "
+        "SGLang's --speculative-token-map).",
+    )
+    parser.add_argument("--data", required=True, help="folder written by `fastmtp distill`")
+    parser.add_argument("--output", help="folder for the maps (default: HEAD/vocab)")
+    parser.add_argument("--head", help="head folder whose config.json should list the maps")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
+    parser.add_argument("--default", default=OVERALL, help="map for undetected languages (default: all)")
+    parser.add_argument("--min-tokens", type=int, default=10_000, help="fewer counted tokens: no map for a language")
+    parser.set_defaults(func=cmd_build_vocab)
+

@@ -1,0 +1,311 @@
+"""`fastmtp bench`: metric arithmetic on hand-made records, a tiny end-to-end run, resuming, and the CLI options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_base
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hf_fastmtp import FastMTPForCausalLM, bench
+from hf_fastmtp.bench import (
+    BenchError,
+    aggregate,
+    build_modes,
+    load_questions,
+    register_cli,
+    render_markdown,
+    run_bench,
+)
+from hf_fastmtp.candidate_generator import FastMTPStats
+
+torch.set_num_threads(1)  # a light load on shared cores
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def stats(drafted: list[int], accepted: list[int], cycles: int) -> dict:
+    return FastMTPStats(len(drafted), cycles, drafted, accepted, draft_seconds=0.1, verify_seconds=0.2).to_dict()
+
+
+def record(question_id, category, mode, ids, seconds, stats=None) -> dict:
+    method = mode.split("-")[0]
+    options = {"num_draft_tokens": 2, "draft_vocab": "full"} if method == "fastmtp" else {}
+    return {
+        "question_id": question_id,
+        "category": category,
+        "mode": mode,
+        "method": method,
+        "options": options,
+        "new_token_ids": ids,
+        "seconds": seconds,
+        "stats": stats,
+    }
+
+
+FM = "fastmtp-k2-full"
+RECORDS = [
+    record(1, "a", "ar", [1, 2, 3, 4], 2.0),
+    record(1, "a", FM, [1, 2, 3, 4], 1.0, stats([3, 3], [2, 1], cycles=3)),
+    record(1, "a", "pld-10", [1, 2, 3, 4], 1.6),
+    record(2, "a", "ar", [5, 6], 1.0),
+    record(2, "a", FM, [5, 6], 0.5, stats([1, 1], [1, 0], cycles=1)),
+    record(2, "a", "pld-10", [5, 7], 1.0),  # differs from ar at token 1
+    record(3, "b", "ar", [7, 8, 9], 3.0),
+    record(3, "b", FM, [7, 8, 9], 2.0, stats([2, 2], [1, 1], cycles=2)),
+    record(4, "b", FM, [1], 0.5, stats([1, 1], [0, 0], cycles=1)),  # no ar record: not in the speedup
+]
+
+
+def test_aggregate_hand_computed():
+    results = aggregate(RECORDS)
+    assert results["modes"] == ["ar", FM, "pld-10"]
+    assert results["categories"] == ["a", "b"]
+
+    overall = results["by_mode"][FM]["overall"]
+    assert overall["prompts"] == 4 and overall["new_tokens"] == 10 and overall["seconds"] == pytest.approx(4.0)
+    assert overall["tokens_per_second"] == pytest.approx(10 / 4.0)
+    assert overall["speedup"] == pytest.approx((2.0 + 1.0 + 3.0) / (1.0 + 0.5 + 2.0))  # question 4 has no ar run
+    assert overall["cycles"] == 7
+    assert overall["tau"] == pytest.approx((6 + 7) / 7)  # (accepted drafts + cycles) / cycles
+    assert overall["drafted_per_position"] == [7, 7] and overall["accepted_per_position"] == [4, 2]
+    # Ratios of summed counts: the mean of per-prompt ratios (2/3, 1, 1/2, 0 at position 1) would be 0.54, not 4/7.
+    assert overall["acceptance_cumulative"] == pytest.approx([4 / 7, 2 / 7])
+    assert overall["acceptance_conditional"] == pytest.approx([4 / 7, 2 / 4])
+    assert overall["draft_seconds"] == pytest.approx(0.4) and overall["verify_seconds"] == pytest.approx(0.8)
+
+    category_a = results["by_mode"][FM]["categories"]["a"]
+    assert category_a["speedup"] == pytest.approx(3.0 / 1.5)
+    assert category_a["tau"] == pytest.approx((4 + 4) / 4)
+    assert category_a["acceptance_cumulative"] == pytest.approx([3 / 4, 1 / 4])
+    assert category_a["acceptance_conditional"] == pytest.approx([3 / 4, 1 / 3])
+    assert results["by_mode"][FM]["categories"]["b"]["speedup"] == pytest.approx(3.0 / 2.0)
+
+    pld = results["by_mode"]["pld-10"]
+    assert pld["overall"]["speedup"] == pytest.approx(3.0 / 2.6)
+    assert pld["overall"]["tokens_per_second"] == pytest.approx(6 / 2.6)
+    assert "tau" not in pld["overall"] and "b" not in pld["categories"]
+    assert results["by_mode"]["ar"]["overall"]["speedup"] == pytest.approx(1.0)
+
+
+def test_lossless_counts_and_lists_mismatches():
+    check = aggregate(RECORDS)["lossless"]
+    assert check["compared"] == 5  # FastMTP on questions 1-3, pld on 1-2; question 4 has nothing to compare with
+    assert check["mismatches"] == [{"question_id": 2, "category": "a", "mode": "pld-10", "first_difference": 1}]
+    assert check["identical"] is False
+    assert aggregate([r for r in RECORDS if r["mode"] != "pld-10"])["lossless"]["identical"] is True
+
+
+def test_markdown_tables():
+    results = {
+        "settings": {
+            "model": {"base": "tiny", "head_sha256": "0" * 16, "dtype": "float32"},
+            "max_new_tokens": 4,
+            "questions": "q.jsonl",
+            "per_category": None,
+        },
+        "hardware": {"cpu": "cpu", "threads": 1, "torch": "2", "transformers": "5", "device": "cpu"},
+        **aggregate(RECORDS),
+    }
+    text = render_markdown(results)
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| category"))
+    assert "ar tok/s" in header and "ar speedup" not in header and "pld-10 tau" not in header
+    assert f"{FM} speedup" in header and f"{FM} tau" in header
+    overall = next(line for line in lines if line.startswith("| overall"))
+    assert "1.71x" in overall and "1.86" in overall  # FastMTP speedup 6/3.5 and tau 13/7
+    assert "57% / 57%" in text and "29% / 50%" in text  # position 1 and 2, cumulative / conditional
+    assert "NO, 1 of 5 outputs differ" in text and "question 2 (a, pld-10, from token 1)" in text
+
+
+def test_plots_for_k_and_vocabulary_sweeps(tmp_path):
+    records = []
+    for question_id in range(2):
+        records.append(record(question_id, "a", "ar", [1, 2, 3], 1.0))
+        for k in (1, 2):
+            for vocab, size in (("full", 97), (32, 32), ("auto", 40)):
+                entry = record(question_id, "a", f"fastmtp-k{k}-{vocab}", [1, 2, 3], 0.8, stats([2] * k, [1] * k, 2))
+                entry["options"] = {"num_draft_tokens": k, "draft_vocab": vocab}
+                entry["stats"]["draft_vocab_size"] = size
+                records.append(entry)
+    results = aggregate(records)
+    assert bench._vocab_sizes(results) == {32: 32, "auto": 40, "full": 97}
+    assert list(bench._vocab_sizes(results)) == [32, "auto", "full"]
+    written = bench.write_plots(results, tmp_path)
+    assert sorted(path.name for path in written) == ["acceptance.png", "k_sweep.png", "speedup.png", "vocab_sweep.png"]
+    assert all(path.stat().st_size > 0 for path in written)
+
+
+def test_modes_and_question_selection(tmp_path):
+    labels = [mode.label for mode in build_modes(["fastmtp", "pld"], [1, 3], ["full", 8192], pld_tokens=5)]
+    assert labels == ["ar", "fastmtp-k1-full", "fastmtp-k1-8192", "fastmtp-k3-full", "fastmtp-k3-8192", "pld-5"]
+    with pytest.raises(BenchError, match="Unknown mode"):
+        build_modes(["eagle"], [3])
+
+    path = write_questions(tmp_path / "q.jsonl", categories=("x", "y"), per_category=3)
+    chosen = load_questions(path, per_category=2)
+    assert [(q["category"], q["question_id"]) for q in chosen] == [("x", 0), ("y", 1), ("x", 2), ("y", 3)]
+    assert chosen[0]["prompt"].startswith("give three tips")  # the first turn
+    assert len(load_questions(path)) == 6
+
+
+def test_cli_options():
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--output", "o", "--k", "1", "2", "--draft-vocab", "full", "8192", "auto", "zh"])
+    assert args.func is bench.cmd_bench
+    assert args.k == [1, 2] and args.draft_vocab == ["full", 8192, "auto", "zh"]
+    assert args.per_category is None and args.pld_tokens == 10 and args.max_new_tokens == 128
+    with pytest.raises(SystemExit, match="--assistant"):
+        bench.cmd_bench(parser.parse_args(["bench", "--output", "o", "--modes", "ar", "assisted"]))
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+WORDS = "give three tips for staying healthy why is the sky blue write a poem about the sea".split()
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate([*special, "user", "assistant", *dict.fromkeys(WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def write_questions(path: Path, categories=("writing", "qa"), per_category=2) -> Path:
+    prompts = ["give three tips for staying healthy", "why is the sky blue", "write a poem about the sea"]
+    rows = [
+        {"question_id": i, "category": categories[i % len(categories)], "turns": [prompts[i % 3], "and again"]}
+        for i in range(len(categories) * per_category)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = tiny_tokenizer()
+    # A head initialised from the base's last layer: unlike a random one, some of its drafts are accepted here.
+    return FastMTPForCausalLM.from_base(tiny_base("llama", vocab_size=len(tokenizer))), tokenizer
+
+
+RUN = {"methods": ["ar", "fastmtp", "pld"], "num_draft_tokens": [1, 2], "max_new_tokens": 12, "progress": False}
+MODES = ["ar", "fastmtp-k1-full", "fastmtp-k2-full", "pld-10"]
+
+
+def read_records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def deterministic(results: dict) -> dict:
+    """The results without anything measured in seconds."""
+    timed = {"seconds", "tokens_per_second", "speedup", "draft_seconds", "verify_seconds"}
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in timed}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    return strip({key: results[key] for key in ("modes", "categories", "by_mode", "lossless")})
+
+
+def test_end_to_end_writes_every_output(tiny, tmp_path):
+    model, tokenizer = tiny
+    output = tmp_path / "out"
+    results = run_bench(model, tokenizer, output, questions=write_questions(tmp_path / "q.jsonl"), **RUN)
+
+    files = {path.name for path in output.iterdir()}
+    assert {"settings.json", "records.jsonl", "results.json", "results.md"} <= files
+    assert {"speedup.png", "acceptance.png", "k_sweep.png"} <= files
+    assert "vocab_sweep.png" not in files  # one vocabulary only
+
+    records = read_records(output)
+    assert len(records) == 4 * len(MODES)
+    assert all(len(r["new_token_ids"]) == 12 and r["seconds"] > 0 for r in records)
+    assert all((r["stats"] is None) == (r["method"] != "fastmtp") for r in records)
+    # Rotated: each prompt starts with another mode.
+    assert [records[i * len(MODES)]["mode"] for i in range(4)] == MODES
+
+    assert results["by_mode"]["fastmtp-k2-full"]["overall"]["tau"] > 1  # drafts were accepted
+    assert results["lossless"] == {"compared": 12, "mismatches": [], "identical": True}
+    assert results["modes"] == MODES and results["categories"] == ["writing", "qa"]
+    assert set(results["by_mode"]["fastmtp-k2-full"]["categories"]) == {"writing", "qa"}
+    assert json.loads((output / "results.json").read_text()) == json.loads(json.dumps(results))
+    text = (output / "results.md").read_text()
+    assert "**Lossless**: yes, all 12 outputs are identical to `ar`." in text
+    assert "**Hardware**:" in text and "| overall" in text and "k=2" in text
+
+
+def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    output, questions = tmp_path / "out", write_questions(tmp_path / "q.jsonl")
+    complete = run_bench(model, tokenizer, output, questions=questions, **RUN)
+    lines = (output / "records.jsonl").read_bytes().splitlines(keepends=True)
+    # Interrupted while writing record 13 of 16: 12 whole lines and a torn one.
+    (output / "records.jsonl").write_bytes(b"".join(lines[:12]) + lines[12][:25])
+
+    calls = []
+    original = bench.timed_generate
+    monkeypatch.setattr(bench, "timed_generate", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    resumed = run_bench(model, tokenizer, output, questions=questions, **RUN)
+
+    assert len(calls) == 4  # only the missing records were produced
+    new_lines = (output / "records.jsonl").read_bytes().splitlines(keepends=True)
+    assert new_lines[:12] == lines[:12] and len(new_lines) == 16
+    assert {(r["question_id"], r["mode"]) for r in read_records(output)} == {
+        (question_id, mode) for question_id in range(4) for mode in MODES
+    }
+    assert deterministic(resumed) == deterministic(complete)
+    assert json.loads((output / "results.json").read_text())["by_mode"]["ar"]["overall"]["prompts"] == 4
+
+    calls.clear()
+    run_bench(model, tokenizer, output, questions=questions, **RUN)  # nothing left: only the reports again
+    assert not calls
+
+
+def test_assisted_decoding_with_a_draft_model(tiny, tmp_path):
+    model, tokenizer = tiny
+    assistant = tiny_base("llama", vocab_size=len(tokenizer), seed=5)
+    questions = write_questions(tmp_path / "q.jsonl", per_category=1)
+    results = run_bench(
+        model,
+        tokenizer,
+        tmp_path / "out",
+        questions=questions,
+        **{**RUN, "methods": ["assisted"]},
+        assistant_model=assistant,
+    )
+    assert results["modes"] == ["ar", "assisted"]
+    assert results["lossless"] == {"compared": 2, "mismatches": [], "identical": True}
+    assert results["by_mode"]["assisted"]["overall"]["speedup"] > 0
+
+
+def test_refuses_to_resume_with_other_settings(tiny, tmp_path):
+    model, tokenizer = tiny
+    output, questions = tmp_path / "out", write_questions(tmp_path / "q.jsonl", per_category=1)
+    run_bench(model, tokenizer, output, questions=questions, **{**RUN, "num_draft_tokens": [1]})
+    with pytest.raises(BenchError, match="max_new_tokens 12 there, 6 now"):
+        run_bench(model, tokenizer, output, questions=questions, **{**RUN, "max_new_tokens": 6})
+    with pytest.raises(BenchError, match="model"):
+        run_bench(model, tokenizer, output, questions=questions, model_name="another", **RUN)
+
+
+def test_a_mode_the_model_cannot_run_fails_before_any_record(tiny, tmp_path):
+    model, tokenizer = tiny
+    output, questions = tmp_path / "out", write_questions(tmp_path / "q.jsonl", per_category=1)
+    with pytest.raises(BenchError, match="fastmtp-k1-no-such-vocab cannot run"):
+        run_bench(model, tokenizer, output, questions=questions, **{**RUN, "draft_vocabs": ["no-such-vocab"]})
+    assert not (output / "records.jsonl").exists()
