@@ -24,8 +24,11 @@ def load_model(args: argparse.Namespace):
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto").eval()
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     if args.head is None:
-        return FastMTPForCausalLM.from_base(base, base_model_name_or_path=args.base), tokenizer
-    return FastMTPForCausalLM.from_pretrained(args.head, base_model=base), tokenizer
+        model = FastMTPForCausalLM.from_base(base, base_model_name_or_path=args.base)
+    else:
+        model = FastMTPForCausalLM.from_pretrained(args.head, base_model=base)
+    model.prompt_tokenizer = tokenizer
+    return model, tokenizer
 
 
 def sampling_kwargs(temperature: float) -> dict:

@@ -93,6 +93,7 @@ def load_default(
                 stacklevel=2,
             )
         model = FastMTPForCausalLM.from_base(base, base_model_name_or_path=DEFAULT_BASE_NAME)
+    model.prompt_tokenizer = tokenizer
     return model.eval(), tokenizer
 
 

@@ -35,8 +35,6 @@ HEAD_PREFIX = "mtp_layers.0."
 MIMO_MODEL_TYPE = "mimo"
 # Vocabulary maps are saved under this folder of a head folder.
 VOCAB_DIR = "vocab"
-# generate() arguments that belong to FastMTP and must never reach the model's forward.
-FASTMTP_GENERATE_KWARGS = ("fastmtp", "num_draft_tokens", "draft_vocab")
 
 
 class HeadMismatchError(ValueError):
@@ -78,7 +76,9 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         head = FastMTPHead(self.head_config, type(decoder.layers[-1]), type(decoder.norm))
         self.mtp_layers = nn.ModuleList([head.to(device=base_model.device, dtype=base_model.dtype)])
         self._rope_layer_type = head_rope_layer_type(decoder.rotary_emb, base_model.config)
-        sliding = getattr(self.head_config, "layer_types", None) is None and getattr(self.head_config, "sliding_window", None)
+        sliding = getattr(self.head_config, "layer_types", None) is None and getattr(
+            self.head_config, "sliding_window", None
+        )
         self._head_mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
         self.generation_config = GenerationConfig.from_dict(base_model.generation_config.to_dict())
         self.last_fastmtp_stats: FastMTPStats | None = None
@@ -185,7 +185,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> None:
         """
         Writes a head-only folder: config (with `auto_map`), the code to load it, head weights, generation config,
-        the vocabulary maps (copied under `vocab/`) and a model card (README.md; `model_card_extra` as in
+        the vocabulary maps (written under `vocab/`) and a model card (README.md; `model_card_extra` as in
         `hf_fastmtp.checkpoints.model_card`).
         """
         save_directory = Path(save_directory)
