@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table
+from .jsonl import append_rows, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .prompts import encode_chat
 
@@ -245,7 +246,7 @@ def run_bench(
     _open_output(output_dir, identity, {**run, "hardware": hardware})
 
     records_path = output_dir / RECORDS_NAME
-    done = {(record["question_id"], record["mode"]) for record in _read_records(records_path)}
+    done = {(record["question_id"], record["mode"]) for record in read_rows(records_path, RECORD_FIELDS, BenchError)}
     todo = [
         (question, [mode for mode in rotated(modes, index) if (question["question_id"], mode.label) not in done])
         for index, question in enumerate(selection)
@@ -263,7 +264,7 @@ def run_bench(
         for m, mode in enumerate(modes)
     }
     records = sorted(
-        (record for record in _read_records(records_path) if (record["question_id"], record["mode"]) in planned),
+        (record for record in read_rows(records_path, RECORD_FIELDS, BenchError) if (record["question_id"], record["mode"]) in planned),
         key=lambda record: planned[record["question_id"], record["mode"]],
     )
     results = {"settings": {**identity, **run}, "hardware": hardware, **aggregate(records)}
@@ -314,7 +315,7 @@ def _run_pending(
                     "seconds": result.seconds,
                     "stats": None if result.stats is None else result.stats.to_dict(),
                 }
-                _append_record(records_path, record)
+                append_rows(records_path, [record])
                 bar.update()
 
 
@@ -416,57 +417,7 @@ def _open_output(folder: Path, identity: dict, run: dict) -> None:
         settings = {**identity, "runs": []}
     if run not in settings["runs"]:
         settings["runs"].append(run)
-    _write_json(path, settings)
-
-
-def _read_records(path: Path) -> list[dict]:
-    """
-    The records of `path` (none if it does not exist). A bad last line is what an interrupted append leaves: it is
-    cut off so that the next append starts clean. A bad line anywhere else is corruption and an error.
-    """
-    if not path.exists():
-        return []
-    records, valid_end = [], 0
-    with open(path, "rb") as file:
-        for number, line in enumerate(file, 1):
-            record = _parse_record(line)
-            if record is None:
-                if file.read(1):
-                    raise BenchError(f"{path}, line {number}: not a record with the fields {', '.join(RECORD_FIELDS)}.")
-                logger.warning("%s: removing a torn last line left by an interrupted run.", path)
-                os.truncate(path, valid_end)
-                break
-            records.append(record)
-            valid_end += len(line)
-    return records
-
-
-def _parse_record(line: bytes) -> dict | None:
-    if not line.endswith(b"\n"):
-        return None
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) and all(name in record for name in RECORD_FIELDS) else None
-
-
-def _append_record(path: Path, record: dict) -> None:
-    """One line, one write, then fsync: an interrupt can leave only a torn last line, which the next run cuts off."""
-    with open(path, "ab") as file:
-        file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Written beside and renamed over the old file, so that it is always whole."""
-    staging = path.with_name(path.name + ".tmp")
-    with open(staging, "w", encoding="utf-8") as file:
-        file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(staging, path)
+    write_json(path, settings)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -580,7 +531,7 @@ def first_difference(tokens: Sequence[int], expected: Sequence[int]) -> int:
 
 def write_reports(results: dict, output_dir: Path) -> list[Path]:
     """results.json, results.md and the plots; returns the paths written."""
-    _write_json(output_dir / RESULTS_JSON_NAME, results)
+    write_json(output_dir / RESULTS_JSON_NAME, results)
     (output_dir / RESULTS_MD_NAME).write_text(render_markdown(results), encoding="utf-8")
     return [output_dir / RESULTS_JSON_NAME, output_dir / RESULTS_MD_NAME, *write_plots(results, output_dir)]
 

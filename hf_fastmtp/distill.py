@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .jsonl import append_rows, iter_rows, read_rows, write_json
 from .prompts import encode_chat
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def distill(
     if skipped:
         logger.warning("Skipping %d prompts longer than %d tokens (--max-prompt-tokens).", skipped, max_prompt_tokens)
     manifest["counts"] = written.counts(skipped)
-    _write_manifest(output_dir, manifest)
+    write_json(output_dir / MANIFEST_NAME, manifest)
 
     result = DistillResult(output_dir, manifest, skipped_too_long=skipped)
     start = time.perf_counter()
@@ -153,7 +154,7 @@ def distill(
             ]
             kept, duplicates = written.add(rows)
             manifest["counts"] = written.counts(skipped)
-            _write_manifest(output_dir, manifest)
+            write_json(output_dir / MANIFEST_NAME, manifest)
 
             result.new_rows += len(kept)
             result.new_response_tokens += sum(len(row["response_ids"]) for row in kept)
@@ -284,7 +285,7 @@ def iter_distilled(folder: str | os.PathLike) -> Iterator[dict]:
     if not shards:
         raise FileNotFoundError(f"{folder} has no shard-*.jsonl files: run `fastmtp distill --output {folder}` first.")
     for path in shards:
-        for _, row in _read_lines(path, ROW_FIELDS):
+        for _, row in iter_rows(path, ROW_FIELDS, DistillError):
             yield row
 
 
@@ -307,11 +308,11 @@ class _Written:
     def scan(cls, folder: Path, shard_size: int) -> _Written:
         written = cls(folder, shard_size)
         for path in _shard_paths(folder):
-            rows = _read_repairing(path, ROW_FIELDS)
+            rows = read_rows(path, ROW_FIELDS, DistillError)
             for row in rows:
                 written._count(row)
             written.shard_index, written.rows_in_shard = int(path.stem.removeprefix("shard-")), len(rows)
-        for duplicate in _read_repairing(folder / DUPLICATES_NAME, DUPLICATE_FIELDS):
+        for duplicate in read_rows(folder / DUPLICATES_NAME, DUPLICATE_FIELDS, DistillError):
             written.ids.add(duplicate["id"])
             written.duplicates += 1
         return written
@@ -331,7 +332,7 @@ class _Written:
         self._append_to_shards(kept)
         # Written after the rows: if a crash falls in between, the duplicates are merely answered again.
         if duplicates:
-            _append_lines(self.folder / DUPLICATES_NAME, duplicates)
+            append_rows(self.folder / DUPLICATES_NAME, duplicates)
         return kept, duplicates
 
     def counts(self, skipped_too_long: int) -> dict[str, int]:
@@ -355,7 +356,7 @@ class _Written:
             if self.rows_in_shard >= self.shard_size:
                 self.shard_index, self.rows_in_shard = self.shard_index + 1, 0
             room = self.shard_size - self.rows_in_shard
-            _append_lines(self.folder / f"shard-{self.shard_index:05d}.jsonl", rows[:room])
+            append_rows(self.folder / f"shard-{self.shard_index:05d}.jsonl", rows[:room])
             self.rows_in_shard += len(rows[:room])
             rows = rows[room:]
 
@@ -458,71 +459,6 @@ def _answer(
 
 def _shard_paths(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.jsonl"))
-
-
-def _read_lines(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """
-    `(offset where the line ends, row)` for each line of a file this module appends to.
-
-    Stops quietly at a bad last line, which an interrupted write leaves; a bad line anywhere else is corruption.
-    """
-    end = 0
-    with open(path, "rb") as file:
-        number = 0
-        while line := file.readline():
-            number += 1
-            row = _parse_line(line, required)
-            if row is None:
-                if not file.read(1):
-                    return
-                raise DistillError(f"{path}, line {number}: not a JSON row with the fields {', '.join(required)}.")
-            end += len(line)
-            yield end, row
-
-
-def _parse_line(line: bytes, required: Sequence[str]) -> dict | None:
-    if not line.endswith(b"\n"):
-        return None
-    try:
-        row = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return row if isinstance(row, dict) and all(name in row for name in required) else None
-
-
-def _read_repairing(path: Path, required: Sequence[str]) -> list[dict]:
-    """The rows of `path` (none if it does not exist), cutting off a torn last line so that appends start clean."""
-    if not path.exists():
-        return []
-    lines = list(_read_lines(path, required))
-    valid_end = lines[-1][0] if lines else 0
-    if path.stat().st_size > valid_end:
-        logger.warning("%s: removing a torn last line left by an interrupted write.", path)
-        os.truncate(path, valid_end)
-    return [row for _, row in lines]
-
-
-def _append_lines(path: Path, rows: list[dict]) -> None:
-    """
-    Appends whole lines with one write, then fsyncs: an interrupt can leave only a torn last line, which the next run
-    cuts off, never half a row in the middle of a file.
-    """
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-    with open(path, "ab") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    """Written to a temporary file and renamed over the old one, so the manifest is always whole."""
-    staging = folder / f"{MANIFEST_NAME}.tmp"
-    with open(staging, "w", encoding="utf-8") as file:
-        json.dump(manifest, file, indent=2, ensure_ascii=False)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(staging, folder / MANIFEST_NAME)
 
 
 def register_cli(commands: argparse._SubParsersAction) -> None:

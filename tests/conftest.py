@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -11,6 +14,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -61,6 +65,28 @@ def tiny_fastmtp(architecture: str = "llama", vocab_size: int = 97, seed: int = 
         for parameter in model.head.parameters():
             parameter.normal_(0, 0.2) if parameter.ndim > 1 else parameter.fill_(1.0)
     return model.eval()
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` with a ChatML template, EOS and padding: a real tokenizer, offline."""
+    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate([*special, "user", "assistant", *dict.fromkeys(words)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 @pytest.fixture(params=ARCHITECTURES)

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import tiny_base, tiny_tokenizer
 
 from hf_fastmtp import FastMTPForCausalLM, bench
 from hf_fastmtp.bench import (
@@ -168,21 +166,6 @@ def test_cli_options():
 # ---------------------------------------------------------------------------------------------- running
 
 WORDS = "give three tips for staying healthy why is the sky blue write a poem about the sea".split()
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: index for index, token in enumerate([*special, "user", "assistant", *dict.fromkeys(WORDS)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(special)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE
-    )
 
 
 def write_questions(path: Path, categories=("writing", "qa"), per_category=2) -> Path:
@@ -197,7 +180,7 @@ def write_questions(path: Path, categories=("writing", "qa"), per_category=2) ->
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(WORDS)
     # A head initialised from the base's last layer: unlike a random one, some of its drafts are accepted here.
     return FastMTPForCausalLM.from_base(tiny_base("llama", vocab_size=len(tokenizer))), tokenizer
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_fastmtp.distill import (
@@ -36,10 +36,6 @@ WORDS = (
     "give three tips for staying healthy what are the primary colors describe an atom how many clips did natalia "
     "sell write a python function to add two numbers sky is blue because of light 天空 为什么 是 蓝色 的"
 ).split()
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PROMPTS = [
     ("alpaca_en-0", "alpaca_en", "en", "Give three tips for staying healthy."),
     ("alpaca_en-1", "alpaca_en", "en", "What are the three primary colors?"),
@@ -53,23 +49,8 @@ PROMPTS = [
 FAST = {"batch_size": 3, "max_new_tokens": 8, "temperature": 1.0, "progress": False}
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: index for index, token in enumerate([*special, "user", "assistant", *dict.fromkeys(WORDS)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(special)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
 def tiny_model_and_tokenizer() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(WORDS)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -248,7 +229,7 @@ def test_other_settings_or_tokenizer_are_refused(tiny, prompts_file, tmp_path):
     distill(model, tokenizer, prompts_file, output, **FAST)
     with pytest.raises(DistillError, match=r"other settings.*temperature"):
         distill(model, tokenizer, prompts_file, output, **{**FAST, "temperature": 0.7})
-    other_tokenizer = tiny_tokenizer()
+    other_tokenizer = tiny_tokenizer(WORDS)
     other_tokenizer.add_tokens(["extra"])
     with pytest.raises(DistillError, match="tokenizer"):
         distill(model, other_tokenizer, prompts_file, output, **FAST)

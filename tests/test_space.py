@@ -14,9 +14,9 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import tiny_base, tiny_tokenizer
 from gradio_client import Client
-from test_distill import tiny_tokenizer
+from test_distill import WORDS
 from transformers import PreTrainedTokenizerFast
 
 from hf_fastmtp import FastMTPForCausalLM
@@ -52,7 +52,7 @@ app = load_app()
 
 def tiny_model() -> tuple[FastMTPForCausalLM, PreTrainedTokenizerFast]:
     """A tiny Llama whose head starts from the base's last layer: with this seed, some drafts are accepted."""
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(WORDS)
     return FastMTPForCausalLM.from_base(tiny_base("llama", vocab_size=len(tokenizer), seed=1)), tokenizer
 
 

@@ -1,0 +1,78 @@
+"""Crash-safe files for long jobs: append-only JSON-lines logs that survive a kill mid-write, and atomic JSON files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def iter_rows(
+    path: str | os.PathLike, required: Sequence[str], error: type[Exception] = ValueError
+) -> Iterator[tuple[int, dict]]:
+    """
+    `(offset where the line ends, row)` for each line of an append-only log. Stops quietly at a bad last line, which
+    an interrupted append leaves; a bad line anywhere else is corruption and raises `error`, naming file and line.
+    """
+    end = 0
+    with open(path, "rb") as file:
+        number = 0
+        while line := file.readline():
+            number += 1
+            row = _parse_line(line, required)
+            if row is None:
+                if not file.read(1):
+                    return
+                raise error(f"{path}, line {number}: not a JSON row with the fields {', '.join(required)}.")
+            end += len(line)
+            yield end, row
+
+
+def read_rows(path: str | os.PathLike, required: Sequence[str], error: type[Exception] = ValueError) -> list[dict]:
+    """The rows of a log (none if it does not exist), cutting off a torn last line so that appends start clean."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = list(iter_rows(path, required, error))
+    valid_end = lines[-1][0] if lines else 0
+    if path.stat().st_size > valid_end:
+        logger.warning("%s: removing a torn last line left by an interrupted write.", path)
+        os.truncate(path, valid_end)
+    return [row for _, row in lines]
+
+
+def append_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """
+    Appends whole lines with one write, then fsyncs: an interrupt can leave only a torn last line, which the next
+    reader cuts off, never half a row in the middle of a file.
+    """
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    with open(path, "ab") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Written beside the target and renamed over it, so that the file is always whole."""
+    path = Path(path)
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "w", encoding="utf-8") as file:
+        file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staging, path)
+
+
+def _parse_line(line: bytes, required: Sequence[str]) -> dict | None:
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) and all(name in row for name in required) else None
