@@ -145,9 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import register_cli as register_bench
     from .checkpoints import register_cli as register_export
     from .distill import register_cli as register_distill
+    from .train import register_cli as register_train
     from .vocab import register_cli as register_vocab
 
     register_distill(commands)
+    register_train(commands)
     register_vocab(commands)
     register_bench(commands)
     register_export(commands)

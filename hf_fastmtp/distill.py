@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .embedded import load_base
 from .jsonl import append_rows, iter_rows, read_rows, write_json
 from .prompts import encode_chat
 
@@ -511,7 +512,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
                 f"Prompts file {args.prompts} not found (the default, {DEFAULT_PROMPTS}, is relative to the current "
                 "directory): pass --prompts PATH."
             )
-        model, tokenizer, model_name = _load_base(args.base)
+        model, tokenizer, model_name = load_base(args.base, dtype="auto")
         result = distill(
             model,
             tokenizer,
@@ -526,17 +527,6 @@ def cmd_distill(args: argparse.Namespace) -> None:
     except DistillError as error:
         raise SystemExit(f"fastmtp distill: error: {error}") from None
     print(result.summary())
-
-
-def _load_base(base: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    if base is None:
-        from .embedded import DEFAULT_BASE_NAME, load_default_base
-
-        return *load_default_base(), DEFAULT_BASE_NAME
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto").eval()
-    return model, AutoTokenizer.from_pretrained(base), base
 
 
 __all__ = [

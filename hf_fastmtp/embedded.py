@@ -74,6 +74,17 @@ def _dequantize_to(target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def load_base(
+    base: str | os.PathLike | None, dtype: torch.dtype | str = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """`(model, tokenizer, name)` of a base model folder or Hub id, or of the embedded default when `base` is None."""
+    if base is None:
+        model, tokenizer = load_default_base(torch.float32 if dtype == "auto" else dtype)
+        return model, tokenizer, DEFAULT_BASE_NAME
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(base), str(base)
+
+
 def load_default(
     head: str | os.PathLike | None = SHIPPED_HEAD_DIR, dtype: torch.dtype = torch.float32
 ) -> tuple[FastMTPForCausalLM, PreTrainedTokenizerBase]:
@@ -97,4 +108,4 @@ def load_default(
     return model.eval(), tokenizer
 
 
-__all__ = ["load_default", "load_default_base", "cache_dir", "INSTALL_COMMAND"]
+__all__ = ["load_base", "load_default", "load_default_base", "cache_dir", "INSTALL_COMMAND"]

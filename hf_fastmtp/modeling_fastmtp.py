@@ -263,15 +263,20 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
     def initialize_head_from_base(self) -> None:
         """
         A starting point for a new head: its decoder layer and final norm copy the base model's last ones, and
-        `input_proj` adds the normed hidden state and the next token's normed embedding (x = h' + e).
+        `input_proj` adds the normed hidden state and the next token's normed embedding, scaled to the size of the
+        residual stream that the copied layer was trained on (measured on a short probe sequence).
         """
         decoder = self.model.get_decoder()
         self.head.load_state_dict(
             {**self.head.state_dict(), **decoder.layers[-1].state_dict(), **prefixed(decoder.norm, "final_layernorm")}
         )
-        hidden_size = self.config.text_config.hidden_size
-        eye = torch.eye(hidden_size, device=self.head.input_proj.weight.device, dtype=self.head.input_proj.weight.dtype)
-        self.head.input_proj.weight.copy_(torch.cat([eye, eye], dim=1))
+        probe = torch.arange(1, min(self.vocab_size, 33), device=self.model.device).unsqueeze(0)
+        last_layer_input = self.model(probe, output_hidden_states=True).hidden_states[-2]
+        residual_rms = last_layer_input.float().pow(2).mean().sqrt()
+        weight = self.head.input_proj.weight
+        eye = torch.eye(weight.shape[0], device=weight.device, dtype=torch.float32)
+        # Two independent unit-RMS inputs sum to RMS sqrt(2).
+        weight.copy_(torch.cat([eye, eye], dim=1) * residual_rms / 2**0.5)
 
     # ------------------------------------------------------------------ base model plumbing
 

@@ -1,0 +1,491 @@
+"""`fastmtp train`: the objective, the recursion (equal to drafting), the data checks, resume, and a short real run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ARCHITECTURES, tiny_fastmtp
+from safetensors.torch import load_file
+from test_distill import tiny_model_and_tokenizer
+from transformers import GenerationConfig
+
+import hf_fastmtp.train as train_module
+from hf_fastmtp import FastMTPCandidateGenerator, FastMTPForCausalLM
+from hf_fastmtp.distill import tokenizer_fingerprint
+from hf_fastmtp.prompts import encode_chat
+from hf_fastmtp.train import (
+    IGNORE_INDEX,
+    Example,
+    FastMTPTrainingModule,
+    LinearCrossEntropy,
+    TrainConfig,
+    TrainError,
+    collate_pairs,
+    load_reference_examples,
+    loss_weights,
+    precompute_hidden_states,
+    recursive_attention_mask,
+    recursive_head_outputs,
+    register_cli,
+    step_labels,
+    train,
+)
+
+torch.set_num_threads(1)
+
+NUM_DRAFT_TOKENS = 3
+PROMPTS = ("give three tips for staying healthy", "what are the primary colors", "describe an atom", "why is sky blue")
+PATTERN = ("sky", "is", "blue", "because", "of", "light")
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+
+
+def test_loss_weights():
+    assert loss_weights(3) == pytest.approx([1 / 1.96, 0.6 / 1.96, 0.36 / 1.96])
+    assert [round(w, 2) for w in loss_weights(3)] == [0.51, 0.31, 0.18]
+    assert loss_weights(1) == [1.0]
+    assert loss_weights(2, beta=1.0) == [0.5, 0.5]
+    assert loss_weights(3, weights=[1, 0, 0]) == [1.0, 0.0, 0.0]
+    assert loss_weights(3, weights=[2, 1, 1]) == [0.5, 0.25, 0.25]
+    for kwargs in ({"weights": [1, 0]}, {"weights": [1, -1, 1]}, {"weights": [0, 0, 0]}, {"beta": 0}):
+        with pytest.raises(TrainError):
+            loss_weights(3, **kwargs)
+
+
+def test_pairs_labels_and_valid_steps():
+    # ids t_0..t_5 with a 3-token prompt: pairs (h_p, t_{p+1}) at p = 0..3 predict t_{p+2}, counted from t_3 on.
+    long = Example("a", (10, 11, 12, 13, 14, 15), prompt_length=3)
+    short = Example("b", (20, 21, 22, 23), prompt_length=2)
+    assert (long.num_pairs, long.num_labels, short.num_pairs, short.num_labels) == (4, 3, 2, 2)
+    # A 1-token prompt: t_1 has no pair before it (the head needs h_p and t_{p+1}), so only t_2 is a label.
+    assert Example("c", (1, 2, 3), prompt_length=1).num_labels == 1
+
+    batch = collate_pairs([(long, torch.zeros(4, 5)), (short, torch.ones(2, 5))])
+    x = IGNORE_INDEX
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14], [21, 22, 0, 0]]
+    assert batch["labels"].tolist() == [[x, 13, 14, 15], [22, 23, x, x]]
+    assert batch["pair_mask"].tolist() == [[True] * 4, [True, True, False, False]]
+    assert batch["hidden_states"][1, :, 0].tolist() == [1, 1, 0, 0]
+    # Step k reads the chain g_1 (p-k+1) .. g_{k-1} (p-1): it exists from p = k-1 on.
+    assert step_labels(batch["labels"], 1).tolist() == [[x, 13, 14, 15], [22, 23, x, x]]
+    assert step_labels(batch["labels"], 2).tolist() == [[x, 13, 14, 15], [x, 23, x, x]]
+    assert step_labels(batch["labels"], 3).tolist() == [[x, x, 14, 15], [x, x, x, x]]
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_linear_cross_entropy_matches_autograd(monkeypatch, softcap):
+    """The fused loss gives autograd's loss and gradient, across row chunks, with a bias and with soft-capping."""
+    monkeypatch.setattr(train_module, "CE_CHUNK_ROWS", 3)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(50, 8), torch.randn(50)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (7,))
+    logits = F.linear(hidden, weight, bias)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    labels[:3] = logits[:3].argmax(dim=-1)
+    expected = F.cross_entropy(logits, labels, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(0.5 * expected, hidden)
+
+    loss, hits = LinearCrossEntropy.apply(hidden, weight, bias, labels, softcap, True)
+    (grad,) = torch.autograd.grad(0.5 * loss, hidden)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert hits == (logits.argmax(dim=-1) == labels).sum() >= 3
+    with pytest.raises(ValueError, match="frozen lm_head"):
+        LinearCrossEntropy.apply(hidden, weight.requires_grad_(), bias, labels, softcap, True)
+
+
+def test_recursive_attention_mask_by_hand():
+    # Step 2, 3 positions; keys: step 1 at q = 0, 1, 2, then step 2 at q = 0, 1, 2.
+    mask = recursive_attention_mask(torch.ones(1, 3, dtype=torch.bool), step=2)
+    assert mask.shape == (1, 1, 3, 6)
+    assert mask[0, 0].int().tolist() == [
+        [0, 0, 0, 1, 0, 0],  # p = 0 has no step-1 chain: only its own key, to avoid a NaN row
+        [1, 0, 0, 0, 1, 0],  # drafted when position 0 was the last verified one
+        [1, 1, 0, 0, 0, 1],
+    ]
+    # Step 3, 4 positions, the last one padding.
+    mask = recursive_attention_mask(torch.tensor([[True, True, True, False]]), step=3)
+    assert mask[0, 0].int().tolist() == [
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+        [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],  # step-1 keys up to p-2, step 2 at p-1, itself
+        [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1],  # padding: ignored by the loss, sees no padded key but its own
+    ]
+    # Step 1 is causal attention; a sliding window of 2 keeps the last two positions.
+    mask = recursive_attention_mask(torch.ones(1, 4, dtype=torch.bool), step=1, sliding_window=2)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_training_recursion_equals_drafting(architecture):
+    """
+    The head outputs of every training step equal those of the real drafting loop (`get_candidates`) with the true
+    tokens as drafts, over many cycles with various accepted lengths (so the head cache is extended and cropped),
+    past the sliding window of Mistral (16 < sequence length).
+    """
+    model = tiny_fastmtp(architecture)
+    length = 48
+    torch.manual_seed(1)
+    ids = torch.randint(1, model.vocab_size, (1, length))
+    with torch.no_grad():
+        hidden = model.model(ids, output_hidden_states=-1).hidden_states[-1]
+        num_pairs = length - 2
+        pair_mask = torch.ones(1, num_pairs, dtype=torch.bool)
+        trained = recursive_head_outputs(
+            model, hidden[:, :num_pairs], ids[:, 1 : num_pairs + 1], pair_mask, NUM_DRAFT_TOKENS
+        )
+
+    generator = FastMTPCandidateGenerator(model, NUM_DRAFT_TOKENS, GenerationConfig(max_length=length, do_sample=False))
+    drafted = []
+
+    def true_token_as_draft(candidate_ids, head_output):
+        drafted.append((candidate_ids.shape[1], head_output))
+        return ids[:, candidate_ids.shape[1]], None
+
+    generator._select_draft = true_token_as_draft
+    cur_len, accepted, compared = 10, 0, 0
+    # Like generate: the prefill's hidden states cover the prompt (cur_len - 1 tokens), a verification's its K + 1.
+    verify_hidden = model.model(ids[:, : cur_len - 1], output_hidden_states=-1).hidden_states[-1]
+    for cycle in range(12):
+        drafted.clear()
+        with torch.no_grad():
+            generator.get_candidates(
+                ids[:, :cur_len], model_outputs=SimpleNamespace(hidden_states=(verify_hidden,)), n_last_matches=accepted
+            )
+        for step, (candidate_length, head_output) in enumerate(drafted):
+            assert candidate_length == cur_len + step
+            # Step k of a cycle whose last verified pair is at cur_len - 2 runs at position cur_len - 2 + (k - 1).
+            torch.testing.assert_close(head_output[0], trained[step][0, candidate_length - 2], atol=1e-5, rtol=1e-5)
+            compared += 1
+        accepted = (0, 2, 1, 3)[cycle % 4]
+        with torch.no_grad():
+            full = model.model(ids[:, : cur_len + NUM_DRAFT_TOKENS], output_hidden_states=-1).hidden_states[-1]
+        verify_hidden = full[:, cur_len - 1 : cur_len + NUM_DRAFT_TOKENS]
+        cur_len += accepted + 1
+    assert compared == 12 * NUM_DRAFT_TOKENS and cur_len + NUM_DRAFT_TOKENS < length
+
+
+def test_padded_batch_equals_single_sequences(tmp_path):
+    """Right padding, length sorting and the hidden-state cache change nothing for any sequence of a batch."""
+    model = tiny_fastmtp("mistral")
+    torch.manual_seed(2)
+    examples = [
+        Example("a", tuple(torch.randint(1, 97, (40,)).tolist()), prompt_length=12),
+        Example("b", tuple(torch.randint(1, 97, (23,)).tolist()), prompt_length=1),
+    ]
+    store = precompute_hidden_states(model.model, examples, tmp_path, dtype=torch.float32, progress=False)
+    for index, example in enumerate(examples):
+        expected = model.model(torch.tensor([example.input_ids]), output_hidden_states=-1).hidden_states[-1]
+        torch.testing.assert_close(store[index], expected[0, : example.num_pairs], atol=1e-5, rtol=1e-5)
+
+    module = FastMTPTrainingModule(model, loss_weights(NUM_DRAFT_TOKENS))
+    with torch.no_grad():
+        batch = collate_pairs([(e, store[i]) for i, e in enumerate(examples)])
+        batched = recursive_head_outputs(
+            model, batch["hidden_states"], batch["input_ids"], batch["pair_mask"], NUM_DRAFT_TOKENS
+        )
+        _, batched_stats = module(**batch, all_steps=True)
+        single_stats = sum(module(**collate_pairs([(e, store[i])]), all_steps=True)[1] for i, e in enumerate(examples))
+        for index, example in enumerate(examples):
+            single = collate_pairs([(example, store[index])])
+            alone = recursive_head_outputs(
+                model, single["hidden_states"], single["input_ids"], single["pair_mask"], NUM_DRAFT_TOKENS
+            )
+            for step in range(NUM_DRAFT_TOKENS):
+                torch.testing.assert_close(
+                    batched[step][index, : example.num_pairs], alone[step][0], atol=1e-5, rtol=1e-5
+                )
+    torch.testing.assert_close(batched_stats, single_stats, atol=1e-4, rtol=1e-5)
+    # Labels: response tokens (from index 2 on); step k has none at positions p < k - 1.
+    assert batched_stats[:, 2].tolist() == [28 + 21, 28 + 20, 28 + 19]
+
+
+def test_eager_attention_takes_the_mask_as_a_bias():
+    sdpa = tiny_fastmtp("llama")
+    eager = tiny_fastmtp("llama")
+    eager.head_config._attn_implementation = "eager"
+    torch.manual_seed(3)
+    hidden, input_ids = torch.randn(2, 12, 32), torch.randint(1, 97, (2, 12))
+    pair_mask = torch.ones(2, 12, dtype=torch.bool)
+    pair_mask[1, 7:] = False
+    with torch.no_grad():
+        expected = recursive_head_outputs(sdpa, hidden, input_ids, pair_mask, NUM_DRAFT_TOKENS)
+        actual = recursive_head_outputs(eager, hidden, input_ids, pair_mask, NUM_DRAFT_TOKENS)
+    for step in range(NUM_DRAFT_TOKENS):
+        torch.testing.assert_close(actual[step], expected[step], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Llama and word-level tokenizer; a scaled lm_head lets a head reach peaked predictions in a few steps."""
+    base, tokenizer = tiny_model_and_tokenizer()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(30)
+    return base, tokenizer
+
+
+def distilled_rows(tokenizer, num_rows: int) -> list[dict]:
+    """Rows whose responses repeat a short word pattern: a head can learn them quickly."""
+    vocab = tokenizer.get_vocab()
+    rows = []
+    for index in range(num_rows):
+        prompt = PROMPTS[index % len(PROMPTS)]
+        words = [PATTERN[(index + i) % len(PATTERN)] for i in range(10 + index % 7)]
+        response_ids = [vocab[word] for word in words] + [tokenizer.eos_token_id]
+        rows.append(
+            {
+                "id": f"row-{index}",
+                "source": "alpaca_en",
+                "lang": "en",
+                "prompt": prompt,
+                "prompt_ids": encode_chat(tokenizer, prompt)["input_ids"][0].tolist(),
+                "response_ids": response_ids,
+                "response": " ".join(words),
+                "finished": True,
+            }
+        )
+    return rows
+
+
+def write_distilled(folder: Path, tokenizer, rows: list[dict], fingerprint: str | None = None) -> Path:
+    folder.mkdir(parents=True)
+    manifest = {
+        "format_version": 1,
+        "model": "tiny",
+        "tokenizer": {"vocab_size": len(tokenizer), "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
+        "sampling": {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_new_tokens": 32},
+        "runs": [],
+        "counts": {"rows": len(rows)},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (folder / "shard-00000.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return folder
+
+
+def run_config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
+    settings = {
+        "output": str(tmp_path / "out"),
+        "data": str(data),
+        "batch_size": 2,
+        "max_steps": 4,
+        "lr": 1e-2,
+        "warmup_ratio": 0.25,
+        "val_fraction": 0.25,
+        "hidden_dtype": "float32",
+        "log_every": 1,
+        "progress": False,
+    }
+    return TrainConfig(**{**settings, **overrides})
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_head(tiny, tmp_path):
+    base, tokenizer = tiny
+    data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 24))
+    config = run_config(tmp_path, data, max_steps=30, eval_every=30)
+    result = train(base, tokenizer, config, base_model_name_or_path="tiny-llama")
+
+    log = read_log(Path(config.output))
+    validations = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in validations] == [0, 30]
+    assert validations[-1]["val_loss"] < 0.5 * validations[0]["val_loss"]
+    assert all(late > early for early, late in zip(validations[0]["val_accuracy"], validations[-1]["val_accuracy"]))
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+    trained = FastMTPForCausalLM.from_pretrained(result.head_dir, base_model=base)
+    assert trained.config.base_model_name_or_path == "tiny-llama"
+    assert trained.config.num_draft_tokens == NUM_DRAFT_TOKENS
+    output = Path(config.output)
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["steps"] == 30 and summary["rows"]["train"] + summary["rows"]["validation"] == 24
+    accuracy = validations[-1]["val_accuracy"]
+    assert summary["final_validation"]["val_accuracy"] == accuracy
+    expected_tau = 1 + accuracy[0] + accuracy[0] * accuracy[1] + accuracy[0] * accuracy[1] * accuracy[2]
+    assert summary["tau_estimate"] == pytest.approx(expected_tau)
+    assert summary["response_tokens"]["train"] > 0 and summary["train_tokens_per_second"] > 0
+    assert (output / "training.png").stat().st_size > 0
+    assert [path.name for path in (output / "checkpoints").iterdir()] == ["step-0000030"]
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_resume_gives_the_same_head_as_an_uninterrupted_run(tiny, tmp_path, monkeypatch, lora_rank):
+    base, tokenizer = tiny
+    data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 16))
+    # 14 training rows (2 held out), batches of 2, 2 batches per step: 4 steps per epoch, the last of a single batch.
+    # The run is interrupted in the middle of the first epoch and ends in the middle of the second.
+    settings = {"max_steps": 6, "grad_accum": 2, "save_every": 3, "eval_every": 3, "lora_rank": lora_rank}
+    uninterrupted = run_config(tmp_path / "a", data, **settings)
+    train(base, tokenizer, uninterrupted)
+
+    interrupted = run_config(tmp_path / "b", data, **settings)
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(run, target):
+        real_save(run, target)
+        if run.state.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(base, tokenizer, interrupted)
+    assert not (Path(interrupted.output) / "head").exists()
+    monkeypatch.undo()
+    train(base, tokenizer, interrupted)
+
+    heads = [load_file(Path(c.output) / "head" / "model.safetensors") for c in (uninterrupted, interrupted)]
+    assert heads[0].keys() == heads[1].keys()
+    for name in heads[0]:
+        assert torch.equal(heads[0][name], heads[1][name]), name
+    logs = [read_log(Path(c.output)) for c in (uninterrupted, interrupted)]
+    assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]]
+    assert [r.get("val_loss") for r in logs[1]] == [r.get("val_loss") for r in logs[0]]
+    summary = json.loads((Path(interrupted.output) / "training_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["epochs"] == pytest.approx(1.5)
+
+    with pytest.raises(TrainError, match="other settings.*lr"):
+        train(base, tokenizer, run_config(tmp_path / "b", data, **settings, lr=5e-3))
+    # Distillation has added a row since: resuming on it is refused, with the way to resume on the first rows.
+    with open(data / "shard-00000.jsonl", "a") as file:
+        file.write(json.dumps(distilled_rows(tokenizer, 17)[-1]) + "\n")
+    with pytest.raises(TrainError, match=r"other data \(16 rows there, 17 now.*--max-rows 16 resumes it"):
+        train(base, tokenizer, interrupted)
+    assert train(base, tokenizer, run_config(tmp_path / "b", data, **settings, max_rows=16)).summary["steps"] == 6
+
+
+@pytest.mark.parametrize("options", [{"init": "random"}, {"lora_rank": 2}, {"loss_weights": [1.0, 0.0, 0.0]}])
+def test_other_initialisations_lora_and_vanilla_weights(tiny, tmp_path, options):
+    base, tokenizer = tiny
+    data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 16))
+    result = train(base, tokenizer, run_config(tmp_path, data, max_steps=2, **options))
+    # The saved head has the plain layout (LoRA merged) and loads; it can start a new run (--init PATH).
+    trained = load_file(result.head_dir / "model.safetensors")
+    assert all("lora" not in name for name in trained)
+    if "lora_rank" in options:  # the adapters changed the Linear layers, and only them
+        start = {f"mtp_layers.0.{k}": v for k, v in FastMTPForCausalLM.from_base(base).head.state_dict().items()}
+        changed = {name for name in trained if not torch.equal(trained[name], start[name])}
+        assert changed and all(name.endswith("proj.weight") for name in changed)
+    again = train(base, tokenizer, run_config(tmp_path / "again", data, max_steps=1, init=str(result.head_dir)))
+    assert again.summary["steps"] == 1
+    if "loss_weights" in options:
+        # Validation still measures every step, so the vanilla ablation's later drafts are reported too.
+        assert len(read_log(tmp_path / "out")[-1]["val_accuracy"]) == NUM_DRAFT_TOKENS
+
+
+def test_reference_data(tiny, tmp_path):
+    _, tokenizer = tiny
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": "x-0", "prompt": "describe an atom", "reference": "sky is blue"}, {"prompt": "why", "reference": ""}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    examples, report = load_reference_examples(path, tokenizer, max_seq_len=256)
+    prompt_ids = encode_chat(tokenizer, "describe an atom")["input_ids"][0].tolist()
+    response_ids = tokenizer("sky is blue", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert examples == [Example("x-0", (*prompt_ids, *response_ids), len(prompt_ids))]
+    assert report.dropped_no_response == 1
+
+    path.write_text('{"prompt": "why", "reference": "because"}\nnot json\n')
+    with pytest.raises(TrainError, match="line 2: not valid JSON"):
+        load_reference_examples(path, tokenizer, max_seq_len=256)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda folder, tok: folder.mkdir(), "not a folder written by `fastmtp distill`"),
+        (lambda folder, tok: write_distilled(folder, tok, []), "has no rows"),
+        (
+            lambda folder, tok: write_distilled(folder, tok, distilled_rows(tok, 2), fingerprint="0" * 16),
+            "another tokenizer",
+        ),
+        (
+            lambda folder, tok: write_distilled(
+                folder, tok, [{**r, "response_ids": []} for r in distilled_rows(tok, 3)]
+            ),
+            "None of the 3 rows has a response",
+        ),
+        (
+            lambda folder, tok: write_distilled(
+                folder, tok, [{**r, "prompt_ids": "1 2 3"} for r in distilled_rows(tok, 3)]
+            ),
+            "row 'row-0' has malformed prompt_ids",
+        ),
+    ],
+    ids=["empty-folder", "no-rows", "other-tokenizer", "no-responses", "malformed-row"],
+)
+def test_bad_data_is_refused_clearly(tiny, tmp_path, make, message):
+    base, tokenizer = tiny
+    make(tmp_path / "data", tokenizer)
+    with pytest.raises(TrainError, match=message):
+        train(base, tokenizer, run_config(tmp_path, tmp_path / "data"))
+
+
+def test_corrupt_shard_and_missing_shards(tiny, tmp_path):
+    base, tokenizer = tiny
+    data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 3))
+    shard = data / "shard-00000.jsonl"
+    lines = shard.read_text().splitlines()
+    shard.write_text("\n".join([lines[0], "{broken", lines[1]]) + "\n")
+    with pytest.raises(TrainError, match="line 2"):
+        train(base, tokenizer, run_config(tmp_path, data))
+    shard.unlink()
+    with pytest.raises(TrainError, match="no shard"):
+        train(base, tokenizer, run_config(tmp_path, data))
+
+
+def test_prompts_longer_than_the_context(tiny, tmp_path):
+    base, tokenizer = tiny
+    data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 4))
+    shortest_prompt = min(len(row["prompt_ids"]) for row in distilled_rows(tokenizer, 4))
+    with pytest.raises(TrainError, match="prompts leave no response token within --max-seq-len"):
+        train(base, tokenizer, run_config(tmp_path, data, max_seq_len=shortest_prompt))
+    with pytest.raises(TrainError, match="longer than the base model's context"):
+        train(base, tokenizer, run_config(tmp_path, data, max_seq_len=base.config.max_position_embeddings + 1))
+
+
+def test_options_are_checked_before_loading(tmp_path):
+    for overrides, message in [
+        ({"data": None}, "exactly one of --data"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"num_draft_tokens": 0}, "num_draft_tokens"),
+        ({"loss_weights": [1.0]}, "1 loss weights given for 3"),
+        ({"init": str(tmp_path)}, "--init must be"),
+    ]:
+        with pytest.raises(TrainError, match=message):
+            TrainConfig(output=str(tmp_path / "out"), **{"data": str(tmp_path), **overrides}).check()
+
+
+def test_cli(tiny, tmp_path, capsys):
+    base, tokenizer = tiny
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 8))
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    command = ["train", "--data", str(data), "--output", str(tmp_path / "out"), "--base", str(tmp_path / "base")]
+    args = parser.parse_args([*command, "--max-steps", "2", "--batch-size", "2", "-k", "2", "--loss-weights", "1", "1"])
+    args.func(args)
+    assert "Head saved in" in capsys.readouterr().out
+    assert FastMTPForCausalLM.from_pretrained(tmp_path / "out" / "head").config.num_draft_tokens == 2
+
+    command[2] = str(tmp_path / "missing")
+    with pytest.raises(SystemExit, match="fastmtp train: error: --data folder .*missing not found"):
+        args = parser.parse_args(command)
+        args.func(args)
