@@ -14,7 +14,9 @@ tokenizer = AutoTokenizer.from_pretrained(base_name)
 model = FastMTPForCausalLM.from_base(base, base_model_name_or_path=base_name)
 inputs = tokenizer.apply_chat_template(
     [{"role": "user", "content": "Write a haiku about the sea."}],
-    add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=True,
 )
 model.generate(**inputs, max_new_tokens=64, fastmtp=True, streamer=TextStreamer(tokenizer, skip_prompt=True))
 print(model.last_fastmtp_stats.to_dict())

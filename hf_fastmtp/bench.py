@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table
-from .jsonl import append_rows, read_rows, write_json
+from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .prompts import encode_chat
 
@@ -77,7 +77,9 @@ class Run:
         return len(self.new_token_ids) / self.seconds if self.seconds else 0.0
 
 
-def timed_generate(model: FastMTPForCausalLM, inputs: dict[str, torch.Tensor], fastmtp: bool, **generate_kwargs) -> Run:
+def timed_generate(
+    model: FastMTPForCausalLM, inputs: dict[str, torch.Tensor], fastmtp: bool, **generate_kwargs
+) -> Run:
     """One generate() call, timed end to end (prefill included), with the FastMTP stats it left."""
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -146,28 +148,18 @@ def load_questions(path: str | os.PathLike, per_category: int | None = None) -> 
     Spec-Bench rows as `question_id`, `category`, `prompt` (the first turn), in file order; with `per_category`,
     the first N of each category, so that the same N always selects the same prompts.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BenchError(f"Questions file {path} not found.")
     questions, seen, taken = [], set(), Counter()
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BenchError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not _is_question(row):
-                raise BenchError(f"{path}, line {number}: needs question_id, category and turns (a list of strings).")
-            if row["question_id"] in seen:
-                raise BenchError(f"{path}, line {number}: question_id {row['question_id']!r} is used twice.")
-            seen.add(row["question_id"])
-            if per_category is None or taken[row["category"]] < per_category:
-                taken[row["category"]] += 1
-                questions.append(
-                    {"question_id": row["question_id"], "category": row["category"], "prompt": row["turns"][0]}
-                )
+    for number, row in iter_json_lines(path, BenchError, "Questions file"):
+        if not _is_question(row):
+            raise BenchError(f"{path}, line {number}: needs question_id, category and turns (a list of strings).")
+        if row["question_id"] in seen:
+            raise BenchError(f"{path}, line {number}: question_id {row['question_id']!r} is used twice.")
+        seen.add(row["question_id"])
+        if per_category is None or taken[row["category"]] < per_category:
+            taken[row["category"]] += 1
+            questions.append(
+                {"question_id": row["question_id"], "category": row["category"], "prompt": row["turns"][0]}
+            )
     if not questions:
         raise BenchError(f"Questions file {path} is empty.")
     return questions
@@ -264,7 +256,11 @@ def run_bench(
         for m, mode in enumerate(modes)
     }
     records = sorted(
-        (record for record in read_rows(records_path, RECORD_FIELDS, BenchError) if (record["question_id"], record["mode"]) in planned),
+        (
+            record
+            for record in read_rows(records_path, RECORD_FIELDS, BenchError)
+            if (record["question_id"], record["mode"]) in planned
+        ),
         key=lambda record: planned[record["question_id"], record["mode"]],
     )
     results = {"settings": {**identity, **run}, "hardware": hardware, **aggregate(records)}
@@ -611,7 +607,8 @@ def lossless_line(results: dict) -> str:
         return f"**Lossless**: yes, all {check['compared']} outputs are identical to `{reference}`."
     shown = check["mismatches"][:20]
     listed = "; ".join(
-        f"question {m['question_id']} ({m['category']}, {m['mode']}, from token {m['first_difference']})" for m in shown
+        f"question {m['question_id']} ({m['category']}, {m['mode']}, from token {m['first_difference']})"
+        for m in shown
     )
     more = (
         f"; and {len(check['mismatches']) - len(shown)} more (see results.json)"

@@ -97,12 +97,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     plain_rate = totals["plain"][0] / totals["plain"][1]
     fast_rate = totals["fastmtp"][0] / totals["fastmtp"][1]
     tau = totals["accepted"] / max(totals["cycles"], 1)
-    rows.append(("overall", f"{totals['plain'][1]:.2f}", f"{plain_rate:.1f}", f"{totals['fastmtp'][1]:.2f}",
-                 f"{fast_rate:.1f}", f"{totals['plain'][1] / totals['fastmtp'][1]:.2f}x", f"{tau:.2f}",
-                 "yes" if all(row[-1] == "yes" for row in rows) else "NO"))
+    rows.append(
+        (
+            "overall",
+            f"{totals['plain'][1]:.2f}",
+            f"{plain_rate:.1f}",
+            f"{totals['fastmtp'][1]:.2f}",
+            f"{fast_rate:.1f}",
+            f"{totals['plain'][1] / totals['fastmtp'][1]:.2f}x",
+            f"{tau:.2f}",
+            "yes" if all(row[-1] == "yes" for row in rows) else "NO",
+        )
+    )
     header = ("prompt", "plain s", "plain tok/s", "FastMTP s", "FastMTP tok/s", "speedup", "tau", "identical")
-    print(f"\nGreedy, {args.max_new_tokens} new tokens, K={args.num_draft_tokens or model.config.num_draft_tokens}, "
-          f"{model.model.config.name_or_path} on {model.device.type} ({torch.get_num_threads()} threads)\n")
+    print(
+        f"\nGreedy, {args.max_new_tokens} new tokens, K={args.num_draft_tokens or model.config.num_draft_tokens}, "
+        f"{model.model.config.name_or_path} on {model.device.type} ({torch.get_num_threads()} threads)\n"
+    )
     print(format_table(header, rows))
 
 
@@ -122,7 +133,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--head", help="FastMTP head folder (default: the shipped head; with --base: a new head)")
-    parser.add_argument("-k", "--num-draft-tokens", type=int, default=None, help="drafts per cycle (default: the head's)")
+    parser.add_argument(
+        "-k", "--num-draft-tokens", type=int, default=None, help="drafts per cycle (default: the head's)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
 
 

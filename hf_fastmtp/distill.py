@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .embedded import load_base
-from .jsonl import append_rows, iter_rows, read_rows, write_json
+from .jsonl import append_rows, iter_json_lines, iter_rows, read_rows, write_json
 from .prompts import encode_chat
 
 logger = logging.getLogger(__name__)
@@ -199,28 +199,18 @@ def check_options(
 
 def load_prompts(path: str | os.PathLike) -> list[dict]:
     """The rows of a prompts JSONL file (`id`, `source`, `lang`, `prompt`), checked line by line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DistillError(f"Prompts file {path} not found.")
     prompts, line_of_id = [], {}
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DistillError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(name), str) for name in PROMPT_FIELDS):
-                raise DistillError(f"{path}, line {number}: needs the string fields {', '.join(PROMPT_FIELDS)}.")
-            if not row["prompt"].strip():
-                raise DistillError(f"{path}, line {number}: the prompt is empty.")
-            if row["id"] in line_of_id:
-                raise DistillError(
-                    f"{path}, line {number}: id {row['id']!r} is already used on line {line_of_id[row['id']]}."
-                )
-            line_of_id[row["id"]] = number
-            prompts.append({name: row[name] for name in PROMPT_FIELDS})
+    for number, row in iter_json_lines(path, DistillError, "Prompts file"):
+        if not isinstance(row, dict) or not all(isinstance(row.get(name), str) for name in PROMPT_FIELDS):
+            raise DistillError(f"{path}, line {number}: needs the string fields {', '.join(PROMPT_FIELDS)}.")
+        if not row["prompt"].strip():
+            raise DistillError(f"{path}, line {number}: the prompt is empty.")
+        if row["id"] in line_of_id:
+            raise DistillError(
+                f"{path}, line {number}: id {row['id']!r} is already used on line {line_of_id[row['id']]}."
+            )
+        line_of_id[row["id"]] = number
+        prompts.append({name: row[name] for name in PROMPT_FIELDS})
     if not prompts:
         raise DistillError(f"Prompts file {path} is empty.")
     return prompts

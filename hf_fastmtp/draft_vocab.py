@@ -94,13 +94,13 @@ def last_user_message(prompt_text: str, tokenizer) -> str:
     """
     if not getattr(tokenizer, "chat_template", None):
         return prompt_text
-    sentinel = "\uE000FASTMTP\uE000"
+    sentinel = "\ue000FASTMTP\ue000"
     try:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
     except Exception:  # templates that need other roles or arguments: fall back to the whole prompt
         return prompt_text
     before = rendered.split(sentinel)[0]
-    opener = before[-min(len(before), 24):].lstrip("\n")
+    opener = before[-min(len(before), 24) :].lstrip("\n")
     if not opener or opener not in prompt_text:
         return prompt_text
     message = prompt_text.rsplit(opener, 1)[1]

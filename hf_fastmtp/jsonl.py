@@ -11,6 +11,23 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def iter_json_lines(
+    path: str | os.PathLike, error: type[Exception] = ValueError, what: str = "File"
+) -> Iterator[tuple[int, object]]:
+    """`(line number, value)` for each non-blank line of a hand-made JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} not found.")
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as decode_error:
+                raise error(f"{path}, line {number}: not valid JSON ({decode_error.msg}).") from None
+
+
 def iter_rows(
     path: str | os.PathLike, required: Sequence[str], error: type[Exception] = ValueError
 ) -> Iterator[tuple[int, dict]]:

@@ -388,7 +388,11 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         lm_head = self.get_output_embeddings()
         cached = self._draft_vocab_cache.get((name, size))
         # A cached slice is reused until the model moves to another device or dtype.
-        if cached is None or cached.lm_head_weight.device != lm_head.weight.device or cached.lm_head_weight.dtype != lm_head.weight.dtype:
+        if (
+            cached is None
+            or cached.lm_head_weight.device != lm_head.weight.device
+            or cached.lm_head_weight.dtype != lm_head.weight.dtype
+        ):
             ids = token_ids[:size].to(lm_head.weight.device)
             bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[ids]
             cached = DraftVocabulary(name, ids, lm_head.weight[ids].detach(), bias)
@@ -417,13 +421,17 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             raise ValueError(f"`draft_vocab` must be 'full', 'auto', a language code or an int, got {draft_vocab!r}.")
         if not self.draft_vocab_maps:
-            raise ValueError(f"`draft_vocab={draft_vocab!r}` needs vocabulary maps, and this model has none: use 'full'.")
+            raise ValueError(
+                f"`draft_vocab={draft_vocab!r}` needs vocabulary maps, and this model has none: use 'full'."
+            )
         language = None
         if name == "auto":
             language = self.prompt_language(input_ids, tokenizer)
             name = language if language in self.draft_vocab_maps else self.config.default_draft_vocab
         if name not in self.draft_vocab_maps:
-            raise ValueError(f"No draft vocabulary {name!r}: this model has {sorted(self.draft_vocab_maps)} (or 'full').")
+            raise ValueError(
+                f"No draft vocabulary {name!r}: this model has {sorted(self.draft_vocab_maps)} (or 'full')."
+            )
         return self.draft_vocabulary(name, size), language
 
     def prompt_language(self, input_ids: torch.LongTensor | None, tokenizer=None) -> str | None:
@@ -657,7 +665,9 @@ def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfi
         )
     for other in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
         if setting(other) is not None:
-            raise ValueError(f"fastmtp=True is a speculative decoding method of its own; it cannot be combined with `{other}`.")
+            raise ValueError(
+                f"fastmtp=True is a speculative decoding method of its own; it cannot be combined with `{other}`."
+            )
     if setting("use_cache") is False:
         raise ValueError("fastmtp=True needs the KV cache: do not pass use_cache=False.")
 

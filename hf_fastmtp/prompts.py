@@ -21,5 +21,7 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, user_message: str) -> dict[s
         raise ValueError("The prompt is empty.")
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": user_message}]
-        return dict(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True))
+        return dict(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        )
     return dict(tokenizer(user_message, return_tensors="pt"))

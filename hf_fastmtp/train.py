@@ -855,7 +855,9 @@ class TrainingRun:
         self.eval_every = config.eval_every or max(1, self.total_steps // 10)
         self.checkpoints = Path(config.output) / CHECKPOINTS_DIR
         self.data_fingerprint = data.fingerprint()
-        self.state = resume(self.checkpoints, model.head, self.optimizer, self.scheduler, config, self.data_fingerprint)
+        self.state = resume(
+            self.checkpoints, model.head, self.optimizer, self.scheduler, config, self.data_fingerprint
+        )
         self.log = TrainLog(Path(config.output) / LOG_NAME, enabled=accelerator.is_main_process)
         self.log.keep_until(self.state.step)
         # [summed CE, hits, labels] per step, and seconds, since the last log record
@@ -986,7 +988,9 @@ def add_lora(model: FastMTPForCausalLM, rank: int):
         raise TrainError("--lora-rank needs peft: pip install 'hf_fastmtp[train]'.") from None
     targets = [name for name, module in model.head.named_modules() if isinstance(module, nn.Linear)]
     # Injected in place: model.head keeps working, with the adapters inside.
-    return get_peft_model(model.head, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
+    return get_peft_model(
+        model.head, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    )
 
 
 def parameter_groups(head: nn.Module, weight_decay: float) -> list[dict]:
@@ -1222,7 +1226,9 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--loss-weights", metavar="W", type=float, nargs="+", help="one per step, overriding --beta (1 0 0: vanilla)"
     )
-    parser.add_argument("--epochs", type=float, default=defaults.epochs, help="passes over the data, may be fractional")
+    parser.add_argument(
+        "--epochs", type=float, default=defaults.epochs, help="passes over the data, may be fractional"
+    )
     parser.add_argument("--max-steps", metavar="N", type=int, help="optimizer steps, overriding --epochs")
     parser.add_argument("--batch-size", metavar="N", type=int, default=defaults.batch_size, help="sequences per batch")
     parser.add_argument("--grad-accum", metavar="N", type=int, default=defaults.grad_accum, help="batches per step")
@@ -1239,9 +1245,14 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--init", default=defaults.init, help="last-layer (a copy of the base's last layer), random, or a head folder"
     )
-    parser.add_argument("--lora-rank", metavar="R", type=int, help="train LoRA adapters on the head, merged at the end")
     parser.add_argument(
-        "--mixed-precision", choices=("no", "bf16", "fp16"), default=defaults.mixed_precision, help="autocast, for GPUs"
+        "--lora-rank", metavar="R", type=int, help="train LoRA adapters on the head, merged at the end"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default=defaults.mixed_precision,
+        help="autocast, for GPUs",
     )
     parser.add_argument(
         "--hidden-dtype", choices=tuple(HIDDEN_DTYPES), default=defaults.hidden_dtype, help="cached hidden states"

@@ -127,4 +127,3 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--default", default=OVERALL, help="map for undetected languages (default: all)")
     parser.add_argument("--min-tokens", type=int, default=10_000, help="fewer counted tokens: no map for a language")
     parser.set_defaults(func=cmd_build_vocab)
-

@@ -155,7 +155,9 @@ def test_modes_and_question_selection(tmp_path):
 def test_cli_options():
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
-    args = parser.parse_args(["bench", "--output", "o", "--k", "1", "2", "--draft-vocab", "full", "8192", "auto", "zh"])
+    args = parser.parse_args(
+        ["bench", "--output", "o", "--k", "1", "2", "--draft-vocab", "full", "8192", "auto", "zh"]
+    )
     assert args.func is bench.cmd_bench
     assert args.k == [1, 2] and args.draft_vocab == ["full", 8192, "auto", "zh"]
     assert args.per_category is None and args.pld_tokens == 10 and args.max_new_tokens == 128

@@ -291,7 +291,9 @@ def test_sampling_distribution_is_preserved(setting):
     model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
     input_ids = torch.tensor([[1, 4, 2]])
     expected = exact_joint_distribution(model, input_ids, 3, warp)
-    samples, accepted_drafts = sample_first_tokens(model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, **kwargs)
+    samples, accepted_drafts = sample_first_tokens(
+        model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, **kwargs
+    )
     assert accepted_drafts > 2500 // 4  # drafts are accepted often: the speculative path is what is tested
     assert chi_square_p_value(samples, expected) > 1e-3
 

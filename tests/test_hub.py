@@ -265,7 +265,9 @@ def test_export_cli(mimo, tmp_path, capsys):
     folder, _ = mimo
     parser = argparse.ArgumentParser(prog="fastmtp")
     register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", "--format", "sglang", "--head", str(folder), "--output", str(tmp_path / "out")])
+    args = parser.parse_args(
+        ["export", "--format", "sglang", "--head", str(folder), "--output", str(tmp_path / "out")]
+    )
     args.func(args)
     assert "--speculative-num-draft-tokens 4" in capsys.readouterr().out
     assert (tmp_path / "out" / "config.json").is_file()

@@ -110,8 +110,16 @@ def test_hidden_size_mismatch_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     small = tiny_fastmtp("llama")
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(HeadMismatchError, match="hidden_size"):
         FastMTPForCausalLM(small.config, base_model=wide)
     with pytest.raises(HeadMismatchError, match="wrong shapes"):

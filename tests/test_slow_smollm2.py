@@ -55,7 +55,9 @@ def test_streamer_receives_exactly_the_generated_tokens(smollm2):
     assert sum(collecting.chunks[1:], []) == output[0, inputs["input_ids"].shape[1] :].tolist()
 
     text_streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    thread = Thread(target=model.generate, kwargs=dict(**inputs, max_new_tokens=48, fastmtp=True, streamer=text_streamer))
+    thread = Thread(
+        target=model.generate, kwargs=dict(**inputs, max_new_tokens=48, fastmtp=True, streamer=text_streamer)
+    )
     thread.start()
     streamed = "".join(text_streamer)
     thread.join()
@@ -76,8 +78,20 @@ def test_text_generation_pipeline(smollm2):
 
 def test_demo_command_prints_the_comparison():
     result = subprocess.run(
-        [sys.executable, "-m", "hf_fastmtp.cli", "demo", "--max-new-tokens", "12", "--prompts", "Hi!", "Count to five."],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "hf_fastmtp.cli",
+            "demo",
+            "--max-new-tokens",
+            "12",
+            "--prompts",
+            "Hi!",
+            "Count to five.",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "| overall" in result.stdout and "tok/s" in result.stdout

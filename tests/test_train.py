@@ -144,7 +144,9 @@ def test_training_recursion_equals_drafting(architecture):
             model, hidden[:, :num_pairs], ids[:, 1 : num_pairs + 1], pair_mask, NUM_DRAFT_TOKENS
         )
 
-    generator = FastMTPCandidateGenerator(model, NUM_DRAFT_TOKENS, GenerationConfig(max_length=length, do_sample=False))
+    generator = FastMTPCandidateGenerator(
+        model, NUM_DRAFT_TOKENS, GenerationConfig(max_length=length, do_sample=False)
+    )
     drafted = []
 
     def true_token_as_draft(candidate_ids, head_output):
@@ -159,7 +161,9 @@ def test_training_recursion_equals_drafting(architecture):
         drafted.clear()
         with torch.no_grad():
             generator.get_candidates(
-                ids[:, :cur_len], model_outputs=SimpleNamespace(hidden_states=(verify_hidden,)), n_last_matches=accepted
+                ids[:, :cur_len],
+                model_outputs=SimpleNamespace(hidden_states=(verify_hidden,)),
+                n_last_matches=accepted,
             )
         for step, (candidate_length, head_output) in enumerate(drafted):
             assert candidate_length == cur_len + step
@@ -390,7 +394,10 @@ def test_other_initialisations_lora_and_vanilla_weights(tiny, tmp_path, options)
 def test_reference_data(tiny, tmp_path):
     _, tokenizer = tiny
     path = tmp_path / "prompts.jsonl"
-    rows = [{"id": "x-0", "prompt": "describe an atom", "reference": "sky is blue"}, {"prompt": "why", "reference": ""}]
+    rows = [
+        {"id": "x-0", "prompt": "describe an atom", "reference": "sky is blue"},
+        {"prompt": "why", "reference": ""},
+    ]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     examples, report = load_reference_examples(path, tokenizer, max_seq_len=256)
     prompt_ids = encode_chat(tokenizer, "describe an atom")["input_ids"][0].tolist()
@@ -480,7 +487,9 @@ def test_cli(tiny, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
     command = ["train", "--data", str(data), "--output", str(tmp_path / "out"), "--base", str(tmp_path / "base")]
-    args = parser.parse_args([*command, "--max-steps", "2", "--batch-size", "2", "-k", "2", "--loss-weights", "1", "1"])
+    args = parser.parse_args(
+        [*command, "--max-steps", "2", "--batch-size", "2", "-k", "2", "--loss-weights", "1", "1"]
+    )
     args.func(args)
     assert "Head saved in" in capsys.readouterr().out
     assert FastMTPForCausalLM.from_pretrained(tmp_path / "out" / "head").config.num_draft_tokens == 2

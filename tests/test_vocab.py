@@ -174,7 +174,11 @@ def test_router_reads_the_last_user_message_not_the_system_prompt():
 
 def rows():
     return [
-        {"id": "a", "response": "The sky is blue because of Rayleigh scattering of sunlight.", "response_ids": [5, 5, 5, 6, 7]},
+        {
+            "id": "a",
+            "response": "The sky is blue because of Rayleigh scattering of sunlight.",
+            "response_ids": [5, 5, 5, 6, 7],
+        },
         {"id": "b", "response": "天空之所以是蓝色的，是因为瑞利散射。", "response_ids": [8, 8, 9, 5]},
         {"id": "c", "response": "x = 1", "response_ids": [1, 2]},
     ]
