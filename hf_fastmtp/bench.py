@@ -143,33 +143,68 @@ def rotated(modes: Sequence[Mode], index: int) -> list[Mode]:
     return [*modes[shift:], *modes[:shift]]
 
 
-def load_questions(path: str | os.PathLike, per_category: int | None = None) -> list[dict]:
+def load_questions(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    per_category: int | None = None,
+    *,
+    categories: Sequence[str] | None = None,
+    exclude_ids: Iterable[str] = (),
+) -> list[dict]:
     """
-    Spec-Bench rows as `question_id`, `category`, `prompt` (the first turn), in file order; with `per_category`,
-    the first N of each category, so that the same N always selects the same prompts.
+    Questions as `question_id`, `category`, `prompt`, in file order, from one or more JSONL files.
+
+    A row is a Spec-Bench question (`question_id`, `category`, `turns`: the first turn is asked) or a prompt in the
+    distillation format (`id`, `source`, `prompt`: the source is the category). `categories` keeps only those,
+    `exclude_ids` drops prompts (e.g. those a head was trained on), and `per_category` then keeps the first N of each
+    category, so that the same N always selects the same prompts.
     """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    excluded = set(exclude_ids)
     questions, seen, taken = [], set(), Counter()
-    for number, row in iter_json_lines(path, BenchError, "Questions file"):
-        if not _is_question(row):
-            raise BenchError(f"{path}, line {number}: needs question_id, category and turns (a list of strings).")
-        if row["question_id"] in seen:
-            raise BenchError(f"{path}, line {number}: question_id {row['question_id']!r} is used twice.")
-        seen.add(row["question_id"])
-        if per_category is None or taken[row["category"]] < per_category:
-            taken[row["category"]] += 1
-            questions.append(
-                {"question_id": row["question_id"], "category": row["category"], "prompt": row["turns"][0]}
-            )
+    for path in paths:
+        for number, row in iter_json_lines(path, BenchError, "Questions file"):
+            question = _as_question(row)
+            if question is None:
+                raise BenchError(
+                    f"{path}, line {number}: needs question_id, category and turns (a Spec-Bench question), or id, "
+                    "source and prompt (a distillation prompt)."
+                )
+            if question["question_id"] in seen:
+                raise BenchError(f"{path}, line {number}: question_id {question['question_id']!r} is used twice.")
+            seen.add(question["question_id"])
+            category = question["category"]
+            if categories is not None and category not in categories:
+                continue
+            if question["question_id"] in excluded:
+                continue
+            if per_category is None or taken[category] < per_category:
+                taken[category] += 1
+                questions.append(question)
+    if categories is not None and (missing := set(categories) - set(taken)):
+        raise BenchError(f"No question of the categories {sorted(missing)} in {', '.join(map(str, paths))}.")
     if not questions:
-        raise BenchError(f"Questions file {path} is empty.")
+        raise BenchError(f"No questions in {', '.join(map(str, paths))}.")
     return questions
 
 
-def _is_question(row: Any) -> bool:
-    if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("category"), str):
-        return False
-    turns = row.get("turns")
-    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], str) and bool(turns[0].strip())
+def _as_question(row: Any) -> dict | None:
+    if not isinstance(row, dict):
+        return None
+    if "turns" in row:
+        turns = row["turns"]
+        if "question_id" in row and isinstance(row.get("category"), str) and isinstance(turns, list) and turns:
+            prompt = turns[0]
+            return _question(row["question_id"], row["category"], prompt)
+        return None
+    if all(isinstance(row.get(name), str) for name in ("id", "source", "prompt")):
+        return _question(row["id"], row["source"], row["prompt"])
+    return None
+
+
+def _question(question_id: Any, category: str, prompt: Any) -> dict | None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        return None
+    return {"question_id": question_id, "category": category, "prompt": prompt}
 
 
 def check_options(
@@ -192,8 +227,10 @@ def run_bench(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: str | os.PathLike,
     *,
-    questions: str | os.PathLike = DEFAULT_QUESTIONS,
+    questions: str | os.PathLike | Sequence[str | os.PathLike] = DEFAULT_QUESTIONS,
     per_category: int | None = None,
+    categories: Sequence[str] | None = None,
+    exclude_ids: Iterable[str] = (),
     methods: Sequence[str] = DEFAULT_METHODS,
     num_draft_tokens: Sequence[int] | None = None,
     draft_vocabs: Sequence[str | int] = ("full",),
@@ -207,6 +244,7 @@ def run_bench(
     """
     Runs every (prompt, mode) pair that `output_dir` does not hold yet, then writes the results and returns them.
 
+    `questions`, `per_category`, `categories` and `exclude_ids` select the prompts (`load_questions`).
     `num_draft_tokens` defaults to the head's K. `assistant_model` is needed for the `assisted` method; give
     `assistant_tokenizer` too when it does not share the model's tokenizer. `model_name` (default: the base model's
     `name_or_path`) identifies the base in settings.json, next to a hash of the head's weights.
@@ -219,7 +257,8 @@ def run_bench(
     )
     if "assisted" in methods and assistant_model is None:
         raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
-    selection = load_questions(questions, per_category)
+    exclude_ids = set(exclude_ids)
+    selection = load_questions(questions, per_category, categories=categories, exclude_ids=exclude_ids)
     modes = build_modes(methods, num_draft_tokens or [model.config.num_draft_tokens], draft_vocabs, pld_tokens)
     output_dir = Path(output_dir)
     identity = {
@@ -228,8 +267,10 @@ def run_bench(
         "max_new_tokens": max_new_tokens,
     }
     run = {
-        "questions": str(questions),
+        "questions": [str(path) for path in ([questions] if isinstance(questions, (str, os.PathLike)) else questions)],
         "per_category": per_category,
+        "categories": list(categories) if categories is not None else None,
+        "excluded_ids": len(exclude_ids),
         "modes": [mode.label for mode in modes],
         "head": model.name_or_path or None,
         "assistant": None if assistant_model is None else assistant_model.config.name_or_path,
@@ -492,6 +533,10 @@ def acceptance(stats: Sequence[dict]) -> dict:
         "acceptance_cumulative": [a / d if d else None for a, d in zip(accepted, drafted)],
         "acceptance_conditional": [a / r if r else None for a, r in zip(accepted, reached)],
         "draft_seconds": sum(entry["draft_seconds"] for entry in stats),
+        # One head step per drafted token: the cost that vocabulary compression cuts.
+        "draft_ms_per_step": (
+            1000 * sum(entry["draft_seconds"] for entry in stats) / sum(drafted) if any(drafted) else None
+        ),
         "verify_seconds": sum(entry["verify_seconds"] for entry in stats),
         "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,
         "languages": dict(Counter(entry.get("language") or "unknown" for entry in stats)),
@@ -582,12 +627,13 @@ def acceptance_table(results: dict) -> str:
         mode: entry["overall"] for mode, entry in results["by_mode"].items() if entry["overall"].get("tau") is not None
     }
     positions = max(len(summary["acceptance_cumulative"]) for summary in fastmtp.values())
-    header = ["mode", "tau", "cycles", *(f"k={k}" for k in range(1, positions + 1))]
+    header = ["mode", "tau", "cycles", "draft ms/step", *(f"k={k}" for k in range(1, positions + 1))]
     rows = [
         [
             mode,
             _format("tau", summary["tau"]),
             str(summary["cycles"]),
+            "-" if summary.get("draft_ms_per_step") is None else f"{summary['draft_ms_per_step']:.1f}",
             *(
                 f"{_percent(cumulative)} / {_percent(conditional)}"
                 for cumulative, conditional in zip(summary["acceptance_cumulative"], summary["acceptance_conditional"])
@@ -770,9 +816,17 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--questions",
-        default=str(DEFAULT_QUESTIONS),
+        nargs="+",
+        default=[str(DEFAULT_QUESTIONS)],
         metavar="PATH",
-        help=f"Spec-Bench JSONL: question_id, category, turns (default: {DEFAULT_QUESTIONS}, from the current folder)",
+        help="JSONL files of Spec-Bench questions (question_id, category, turns) or of distillation prompts (id, "
+        f"source as the category, prompt) (default: {DEFAULT_QUESTIONS}, from the current folder)",
+    )
+    parser.add_argument("--categories", nargs="+", metavar="NAME", help="only these categories (default: all)")
+    parser.add_argument(
+        "--held-out-from",
+        metavar="DIR",
+        help="skip every prompt that the `fastmtp distill` runs of DIR selected: prompts the head was not trained on",
     )
     parser.add_argument(
         "--per-category", type=int, metavar="N", help="the first N questions of each category (default: all)"
@@ -821,11 +875,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
         if "assisted" in methods and not args.assistant:
             raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
-        if not Path(args.questions).is_file():
-            raise BenchError(
-                f"Questions file {args.questions} not found (the default, {DEFAULT_QUESTIONS}, is relative to the "
-                "current directory): pass --questions PATH."
-            )
+        for path in args.questions:
+            if not Path(path).is_file():
+                raise BenchError(
+                    f"Questions file {path} not found (the default, {DEFAULT_QUESTIONS}, is relative to the "
+                    "current directory): pass --questions PATH."
+                )
+        exclude_ids = held_out_exclusions(args.held_out_from) if args.held_out_from else set()
         from .cli import load_model
         from .embedded import DEFAULT_BASE_NAME
 
@@ -839,6 +895,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             args.output,
             questions=args.questions,
             per_category=args.per_category,
+            categories=args.categories,
+            exclude_ids=exclude_ids,
             methods=methods,
             num_draft_tokens=args.k,
             draft_vocabs=args.draft_vocab,
@@ -852,6 +910,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"fastmtp bench: error: {error}") from None
     print(summary_table(results))
     print(f"\n{lossless_line(results)}\nFull results: {Path(args.output) / RESULTS_MD_NAME}")
+
+
+def held_out_exclusions(distilled: str | os.PathLike) -> set[str]:
+    from .distill import DistillError, selected_prompt_ids
+
+    try:
+        return selected_prompt_ids(distilled)
+    except (DistillError, FileNotFoundError) as error:
+        raise BenchError(f"--held-out-from {distilled}: {error}") from None
 
 
 def _load_assistant(name: str, model: PreTrainedModel) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

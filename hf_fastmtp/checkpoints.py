@@ -279,8 +279,9 @@ def model_card(config: PretrainedConfig, extra: dict[str, Any] | None = None) ->
     """
     README.md for a head repo: what the head is for, its training data, how well it drafts, how to load it.
 
-    `extra` may give `repo_id`, `datasets` (names of the training data), `license`, and `stats`: evaluation name ->
-    a `FastMTPStats` or its `to_dict()`, shown as a table of tau and per-position acceptance.
+    `extra` may give `repo_id`, `datasets` (names of the training data), `license`, `training` (the summary
+    `fastmtp train` writes: data size, time, command) and `stats`: evaluation name -> a `FastMTPStats` or its
+    `to_dict()`, shown as a table of tau and per-position acceptance.
     """
     extra = extra or {}
     repo_id = extra.get("repo_id", "path/to/this-head")
@@ -312,10 +313,39 @@ def model_card(config: PretrainedConfig, extra: dict[str, Any] | None = None) ->
             "**Licence:** the training data includes Alpaca-derived prompts (CC BY-NC 4.0), so this head is for "
             "non-commercial use only."
         )
+    if extra.get("training"):
+        sections.append(training_section(extra["training"]))
     if extra.get("stats"):
         sections.append(stats_table(extra["stats"]))
     sections.append(usage_section(repo_id, base, config))
     return "\n\n".join(sections) + "\n"
+
+
+def training_section(summary: dict[str, Any]) -> str:
+    """How the head was trained, from `fastmtp train`'s training_summary.json: enough to reproduce and judge it."""
+    rows, tokens = summary["rows"], summary["response_tokens"]
+    weights = " / ".join(f"{w:.2f}" for w in summary["loss_weights"])
+    lines = [
+        "## Training",
+        "",
+        f"- Data: {rows['train']:,} rows ({tokens['train']:,} response tokens) for training, {rows['validation']:,} "
+        f"rows ({tokens['validation']:,} response tokens) held out.",
+        f"- {summary['steps']:,} optimizer steps ({summary['epochs']:.2f} epochs) in {summary['seconds'] / 3600:.2f} h "
+        f"({summary['train_tokens_per_second']:.0f} response tokens/s); loss weights per draft step {weights}.",
+    ]
+    distilled_by = summary.get("distilled_by")
+    if distilled_by:
+        sampling = ", ".join(f"{key} {value}" for key, value in (distilled_by.get("sampling") or {}).items())
+        lines.insert(2, f"- Self-distilled: the answers are {distilled_by['model']}'s own ({sampling}).")
+    validation = summary.get("final_validation")
+    if validation:
+        accuracy = " / ".join(f"{a:.1%}" for a in validation["val_accuracy"])
+        lines.append(
+            f"- Held-out teacher-forced top-1 accuracy per draft step: {accuracy} (tau estimate "
+            f"{summary['tau_estimate']:.2f})."
+        )
+    lines += ["", "```bash", summary["command"], "```"]
+    return "\n".join(lines)
 
 
 def stats_table(stats: dict[str, Any]) -> str:

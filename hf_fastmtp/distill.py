@@ -263,6 +263,20 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise DistillError(f"{path} is not valid JSON ({error}).") from None
 
 
+def selected_prompt_ids(folder: str | os.PathLike) -> set[str]:
+    """
+    Ids of every prompt that the runs recorded in `folder`'s manifest selected, answered yet or not, and of every
+    answered row: prompts outside this set are held out from any head trained on this data, now or after more runs.
+    """
+    manifest = read_manifest(folder)
+    ids = {str(row["id"]) for row in iter_distilled(folder)}
+    for run in manifest.get("runs", []):
+        prompts = load_prompts(run["prompts_file"])
+        selection = select_prompts(prompts, run["sources"], run["langs"], run["num_prompts"], run["seed"])
+        ids.update(prompt["id"] for prompt in selection)
+    return ids
+
+
 def iter_distilled(folder: str | os.PathLike) -> Iterator[dict]:
     """
     Every row of a distilled folder, shard by shard.

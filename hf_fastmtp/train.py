@@ -770,8 +770,8 @@ def train(
     if accelerator.is_main_process:
         if lora is not None:
             lora.merge_and_unload()
-        save_head(model, head_dir, data.report)
         summary = write_summary(config, data, run.state, run.steps_per_epoch)
+        save_head(model, head_dir, data.report, summary)
         plot_training_log(Path(config.output) / LOG_NAME, Path(config.output) / PLOT_NAME)
     accelerator.wait_for_everyone()
     return TrainResult(head_dir, summary)
@@ -1123,14 +1123,14 @@ def resume(
     return state
 
 
-def save_head(model: FastMTPForCausalLM, head_dir: Path, report: DataReport) -> None:
+def save_head(model: FastMTPForCausalLM, head_dir: Path, report: DataReport, summary: dict) -> None:
     """
     `save_pretrained` into a staging folder that replaces `head_dir`, so a crash never leaves half a head. The model
-    card lists the prompts' datasets (and so gets the licence of Alpaca-derived data right).
+    card lists the prompts' datasets (and so gets the licence of Alpaca-derived data right) and how it was trained.
     """
     staging = head_dir.with_name(f".staging-{head_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, model_card_extra={"datasets": report.sources})
+    model.save_pretrained(staging, model_card_extra={"datasets": report.sources, "training": summary})
     shutil.rmtree(head_dir, ignore_errors=True)
     os.replace(staging, head_dir)
 
@@ -1162,6 +1162,9 @@ def write_summary(config: TrainConfig, data: TrainingData, state: TrainState, st
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": dataclasses.asdict(config),
     }
+    if config.data is not None:
+        manifest = read_manifest(config.data)
+        summary["distilled_by"] = {"model": manifest.get("model"), "sampling": manifest.get("sampling")}
     (output / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 

@@ -76,6 +76,7 @@ def test_aggregate_hand_computed():
     assert overall["acceptance_cumulative"] == pytest.approx([4 / 7, 2 / 7])
     assert overall["acceptance_conditional"] == pytest.approx([4 / 7, 2 / 4])
     assert overall["draft_seconds"] == pytest.approx(0.4) and overall["verify_seconds"] == pytest.approx(0.8)
+    assert overall["draft_ms_per_step"] == pytest.approx(1000 * 0.4 / 14)  # 14 drafted tokens, one head step each
 
     category_a = results["by_mode"][FM]["categories"]["a"]
     assert category_a["speedup"] == pytest.approx(3.0 / 1.5)
@@ -152,6 +153,27 @@ def test_modes_and_question_selection(tmp_path):
     assert len(load_questions(path)) == 6
 
 
+def test_questions_from_prompt_files_filtered_and_held_out(tmp_path):
+    spec = write_questions(tmp_path / "q.jsonl", categories=("x", "y"), per_category=3)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"zh-{i}", "source": "alpaca_zh", "lang": "zh", "prompt": f"问题 {i}"} for i in range(4)]
+    prompts.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+    chosen = load_questions([spec, prompts], per_category=2, categories=["y", "alpaca_zh"], exclude_ids={"zh-0"})
+    assert [(q["category"], q["question_id"]) for q in chosen] == [
+        ("y", 1),
+        ("y", 3),
+        ("alpaca_zh", "zh-1"),
+        ("alpaca_zh", "zh-2"),
+    ]
+    assert chosen[-1]["prompt"] == "问题 2"
+    with pytest.raises(BenchError, match=r"categories \['z'\]"):
+        load_questions(spec, categories=["z"])
+    prompts.write_text(json.dumps({"id": "a", "prompt": "no source"}) + "\n", encoding="utf-8")
+    with pytest.raises(BenchError, match="line 1: needs question_id"):
+        load_questions(prompts)
+
+
 def test_cli_options():
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
@@ -197,7 +219,7 @@ def read_records(output: Path) -> list[dict]:
 
 def deterministic(results: dict) -> dict:
     """The results without anything measured in seconds."""
-    timed = {"seconds", "tokens_per_second", "speedup", "draft_seconds", "verify_seconds"}
+    timed = {"seconds", "tokens_per_second", "speedup", "draft_seconds", "verify_seconds", "draft_ms_per_step"}
 
     def strip(value):
         if isinstance(value, dict):

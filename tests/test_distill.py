@@ -25,6 +25,7 @@ from hf_fastmtp.distill import (
     read_manifest,
     register_cli,
     select_prompts,
+    selected_prompt_ids,
     tokenizer_fingerprint,
 )
 from hf_fastmtp.prompts import encode_chat
@@ -307,6 +308,18 @@ def test_bad_options(tiny, prompts_file, tmp_path, option, message):
     with pytest.raises(DistillError, match=message):
         distill(model, tokenizer, prompts_file, tmp_path / "out", **{**FAST, **option})
     assert not (tmp_path / "out").exists()
+
+
+def test_selected_prompt_ids_hold_out_everything_the_runs_selected(tiny, prompts_file, tmp_path):
+    model, tokenizer = tiny
+    output = tmp_path / "out"
+    distill(model, tokenizer, prompts_file, output, num_prompts=5, seed=3, **FAST)
+    # Interrupted after the first batch: the unanswered rest of the selection is still not held out.
+    shard = output / "shard-00000.jsonl"
+    shard.write_text("".join(shard.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+    selection = select_prompts(load_prompts(prompts_file), num_prompts=5, seed=3)
+    assert selected_prompt_ids(output) == {prompt["id"] for prompt in selection}
+    assert len(selection) == 5 < len(PROMPTS)
 
 
 def test_iter_distilled_errors(tiny, prompts_file, tmp_path):

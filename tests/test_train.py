@@ -325,6 +325,9 @@ def test_training_lowers_the_loss_and_saves_a_loadable_head(tiny, tmp_path):
     assert summary["response_tokens"]["train"] > 0 and summary["train_tokens_per_second"] > 0
     assert (output / "training.png").stat().st_size > 0
     assert [path.name for path in (output / "checkpoints").iterdir()] == ["step-0000030"]
+    card = (result.head_dir / "README.md").read_text()
+    assert "## Training" in card and summary["command"] in card and "30 optimizer steps" in card
+    assert f"{summary['response_tokens']['train']:,} response tokens" in card and "temperature 0.6" in card
 
 
 @pytest.mark.parametrize("lora_rank", [None, 2])
