@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -80,14 +81,22 @@ def write_maps(maps: dict[str, dict[int, torch.LongTensor]], output_dir: Path, c
     return manifest
 
 
-def install_into_head(head_dir: Path, output_dir: Path, manifest: dict, default: str) -> None:
-    """Points a head folder's config at the largest map of each language, so `from_pretrained` loads them."""
+def install_into_head(head_dir: Path, output_dir: Path, manifest: dict, default: str, size: int | None = None) -> None:
+    """
+    Points a head folder's config at one map per language, so `from_pretrained` loads them: the `size` map (what
+    `draft_vocab="auto"` drafts over), or the largest, whose top-N `draft_vocab="<lang>:<N>"` also gives.
+    """
     config_path = head_dir / "config.json"
     config = json.loads(config_path.read_text())
     relative = os.path.relpath(output_dir, head_dir)
-    config["draft_vocab_maps"] = {
-        language: f"{relative}/{by_size[max(by_size, key=int)]}" for language, by_size in manifest["files"].items()
-    }
+    chosen = {}
+    for language, by_size in manifest["files"].items():
+        by_size = {int(available): name for available, name in by_size.items()}  # JSON keys are strings
+        pick = size if size is not None else max(by_size)
+        if pick not in by_size:
+            raise ValueError(f"No {pick}-token map for {language!r}: it has {sorted(by_size)} (--sizes).")
+        chosen[language] = f"{relative}/{by_size[pick]}"
+    config["draft_vocab_maps"] = chosen
     config["default_draft_vocab"] = default
     temporary = config_path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(config, indent=2) + "\n")
@@ -101,12 +110,13 @@ def cmd_build_vocab(args: argparse.Namespace) -> None:
         raise SystemExit("fastmtp build-vocab: give --output DIR, --head HEAD_DIR, or both.")
     data_manifest = read_manifest(args.data)
     vocab_size = data_manifest["tokenizer"]["vocab_size"]
-    counts = count_tokens(iter_distilled(args.data), vocab_size)
+    rows = itertools.islice(iter_distilled(args.data), args.max_rows)
+    counts = count_tokens(rows, vocab_size)
     maps = build_maps(counts, sorted(set(args.sizes)), min_tokens=args.min_tokens)
     output_dir = Path(args.output or Path(args.head) / "vocab")
     manifest = write_maps(maps, output_dir, counts)
     if args.head:
-        install_into_head(Path(args.head), output_dir, manifest, default=args.default)
+        install_into_head(Path(args.head), output_dir, manifest, default=args.default, size=args.install_size)
     for language, coverage in manifest["coverage"].items():
         shares = ", ".join(f"top-{size}: {share:.1%}" for size, share in coverage.items())
         print(f"{language}: {manifest['tokens_counted'][language]} tokens; coverage {shares}")
@@ -124,6 +134,10 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", help="folder for the maps (default: HEAD/vocab)")
     parser.add_argument("--head", help="head folder whose config.json should list the maps")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
+    parser.add_argument(
+        "--install-size", type=int, metavar="N", help="with --head: the map size to install (default: the largest)"
+    )
+    parser.add_argument("--max-rows", type=int, metavar="N", help="only the first N rows (the head's training data)")
     parser.add_argument("--default", default=OVERALL, help="map for undetected languages (default: all)")
     parser.add_argument("--min-tokens", type=int, default=10_000, help="fewer counted tokens: no map for a language")
     parser.set_defaults(func=cmd_build_vocab)

@@ -11,6 +11,7 @@ from conftest import tiny_fastmtp
 from test_core import chi_square_p_value, exact_joint_distribution, greedy, prompt, sample_first_tokens
 
 from hf_fastmtp import FastMTPForCausalLM
+from hf_fastmtp.cli import main
 from hf_fastmtp.draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map
 from hf_fastmtp.vocab import build_maps, count_tokens, install_into_head, ranked_token_ids, write_maps
 
@@ -223,3 +224,29 @@ def test_maps_written_load_and_install_into_a_head(tmp_path):
 def test_min_tokens_skips_thin_languages():
     counts = {"all": np.ones(20, dtype=np.int64), "de": np.ones(20, dtype=np.int64)}
     assert set(build_maps(counts, sizes=[4], min_tokens=100)) == {"all"}
+
+
+def test_build_vocab_cli_installs_the_chosen_size_from_the_first_rows(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 97, "fingerprint": "f"}}))
+    extra = {"id": "d", "response": "Bonjour, je suis un modèle de langue.", "response_ids": [40, 41, 42]}
+    shard = [
+        {"source": "s", "lang": "en", "prompt": "p", "prompt_ids": [1], "finished": True, **row} for row in rows()
+    ]
+    shard.append({**shard[0], **extra})
+    (data / "shard-00000.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in shard))
+    model = tiny_fastmtp("llama")
+    model.save_pretrained(tmp_path / "head")
+
+    argv = ["build-vocab", "--data", str(data), "--head", str(tmp_path / "head"), "--sizes", "4", "8"]
+    main([*argv, "--install-size", "4", "--max-rows", "3", "--min-tokens", "1"])
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["draft_vocab_maps"] == {
+        "all": "vocab/freq_all_4.pt",
+        "en": "vocab/freq_en_4.pt",
+        "zh": "vocab/freq_zh_4.pt",
+    }  # the fourth row (French) was not counted
+    assert "all: 11 tokens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="No 16-token map for 'all'"):
+        main([*argv, "--install-size", "16"])
