@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table
@@ -90,6 +92,35 @@ def timed_generate(
     seconds = time.perf_counter() - start
     prompt_length = inputs["input_ids"].shape[1]
     return Run(output[0, prompt_length:].tolist(), seconds, model.last_fastmtp_stats)
+
+
+def forward_cost(
+    model: FastMTPForCausalLM, max_new_tokens: int, context: int = 256, repeats: int = 7
+) -> dict[int, float]:
+    """
+    Median milliseconds of one base-model forward over n = 1..`max_new_tokens` new tokens after a `context`-token
+    cache: what verifying K drafts (n = K + 1) costs against a plain decoding step (n = 1) on this hardware.
+    """
+    base = model.model
+    context = min(context, getattr(base.config, "max_position_embeddings", context) - max_new_tokens)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(model.vocab_size, (1, context + max_new_tokens), generator=generator).to(model.device)
+    cache = DynamicCache(config=base.config)
+    with torch.inference_mode():
+        base(input_ids=input_ids[:, :context], past_key_values=cache, use_cache=True)
+        timings = {n: [] for n in range(1, max_new_tokens + 1)}
+        for repeat in range(repeats + 1):  # the first round warms up
+            for n in rotated(list(timings), repeat):
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                start = time.perf_counter()
+                base(input_ids=input_ids[:, context : context + n], past_key_values=cache, use_cache=True)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                if repeat:
+                    timings[n].append(1000 * (time.perf_counter() - start))
+                cache.crop(-n)
+    return {n: statistics.median(values) for n, values in timings.items()}
 
 
 # ---------------------------------------------------------------------------------------------- what to run
@@ -305,6 +336,9 @@ def run_bench(
         key=lambda record: planned[record["question_id"], record["mode"]],
     )
     results = {"settings": {**identity, **run}, "hardware": hardware, **aggregate(records)}
+    if any(mode.method == "fastmtp" for mode in modes):
+        largest_k = max(mode.options["num_draft_tokens"] for mode in modes if mode.method == "fastmtp")
+        results["forward_ms"] = forward_cost(model, largest_k + 1)
     write_reports(results, output_dir)
     return results
 
@@ -595,6 +629,8 @@ def render_markdown(results: dict) -> str:
     ]
     if any(entry["overall"].get("tau") is not None for entry in results["by_mode"].values()):
         sections += ["## Acceptance by draft position (cumulative / conditional)", acceptance_table(results)]
+    if results.get("forward_ms"):
+        sections += ["## Verification cost on this hardware", forward_cost_table(results["forward_ms"])]
     sections += [lossless_line(results), hardware_line(results["hardware"])]
     return "\n\n".join(sections) + "\n"
 
@@ -643,6 +679,23 @@ def acceptance_table(results: dict) -> str:
         for mode, summary in fastmtp.items()
     ]
     return format_table(header, rows)
+
+
+def forward_cost_table(forward_ms: dict) -> str:
+    """One base forward over n new tokens: verifying K drafts costs the n = K + 1 column, a plain step n = 1."""
+    costs = {int(n): ms for n, ms in forward_ms.items()}  # JSON keys are strings
+    table = format_table(
+        ["new tokens n", *map(str, costs)],
+        [
+            ["ms per forward", *(f"{ms:.1f}" for ms in costs.values())],
+            ["relative to n = 1", *(f"{ms / costs[1]:.2f}x" for ms in costs.values())],
+        ],
+    )
+    return (
+        f"{table}\n\nMedian of repeated base-model forwards after a 256-token cache. A FastMTP cycle with K drafts "
+        "costs one n = K + 1 forward plus K head steps and yields tau tokens; plain decoding costs one n = 1 forward "
+        "per token."
+    )
 
 
 def lossless_line(results: dict) -> str:

@@ -254,6 +254,9 @@ def test_end_to_end_writes_every_output(tiny, tmp_path):
     text = (output / "results.md").read_text()
     assert "**Lossless**: yes, all 12 outputs are identical to `ar`." in text
     assert "**Hardware**:" in text and "| overall" in text and "k=2" in text
+    # Verification cost: one base forward over n = 1..K+1 new tokens, for the largest K run.
+    assert list(results["forward_ms"]) == [1, 2, 3] and all(ms > 0 for ms in results["forward_ms"].values())
+    assert "## Verification cost on this hardware" in text and "| relative to n = 1 | 1.00x |" in text
 
 
 def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
