@@ -71,6 +71,7 @@ PRECOMPUTE_BATCH_TOKENS = 8192
 ROWS_PER_CHUNK = 128
 # Batches drawn per length-sorting window: little padding, yet a different mix of rows every epoch.
 SORT_WINDOW_BATCHES = 50
+LABELS = ("data", "base")
 HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "training_summary.json"
@@ -251,6 +252,45 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad * grad_loss, None, None, None, None, None
 
 
+def feature_loss(
+    output: torch.Tensor, hidden_states: torch.Tensor, selected: torch.BoolTensor, pair_mask: torch.BoolTensor
+) -> torch.Tensor:
+    """
+    EAGLE's feature regression: smooth L1 between the head's output at pair p, which the lm_head reads to predict
+    t_{p+2}, and the base's own hidden state h_{p+1} there (cached, free). A dense signal beside the cross-entropy
+    that needs no lm_head; the last pair of a sequence has no h_{p+1} and is left out.
+    """
+    has_target = selected[:, :-1] & pair_mask[:, 1:]
+    if not has_target.any():
+        return output.new_zeros(())
+    predicted = output[:, :-1][has_target].float()
+    target = hidden_states[:, 1:][has_target].to(predicted.device, torch.float32)
+    return F.smooth_l1_loss(predicted, target)
+
+
+@torch.no_grad()
+def base_greedy_labels(
+    model: FastMTPForCausalLM, hidden_states: torch.Tensor, labels: torch.LongTensor, pair_mask: torch.BoolTensor
+) -> torch.LongTensor:
+    """
+    The base model's own greedy choice for each label: at pair p, argmax lm_head(h_{p+1}) instead of the token
+    t_{p+2} of the data. Greedy verification accepts a draft exactly when it is that choice, and sampled data differs
+    from it at a share of positions (~16% of SmolLM2's answers at temperature 0.6). The last pair of a sequence has no
+    cached h_{p+1} and keeps its data label.
+    """
+    lm_head = model.get_output_embeddings()
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1]).to(lm_head.weight.device, lm_head.weight.dtype)
+    # The argmax is the same with or without a soft-cap (tanh is increasing).
+    choices = torch.cat(
+        [lm_head(flat[rows]).argmax(dim=-1) for rows in torch.split(torch.arange(len(flat)), CE_CHUNK_ROWS)]
+    )
+    choices = choices.view(labels.shape).to(labels.device)
+    replace = (labels[:, :-1] != IGNORE_INDEX) & pair_mask[:, 1:]
+    greedy = labels.clone()
+    greedy[:, :-1] = torch.where(replace, choices[:, 1:], labels[:, :-1])
+    return greedy
+
+
 class FastMTPTrainingModule(nn.Module):
     """
     Owns the FastMTP model and computes a batch's loss: the one module `accelerate` wraps for (distributed) training.
@@ -260,10 +300,18 @@ class FastMTPTrainingModule(nn.Module):
     non-zero weight are skipped in training; `all_steps=True` (validation) computes every step.
     """
 
-    def __init__(self, model: FastMTPForCausalLM, weights: Sequence[float]):
+    def __init__(
+        self,
+        model: FastMTPForCausalLM,
+        weights: Sequence[float],
+        base_labels: bool = False,
+        feature_weight: float = 0.0,
+    ):
         super().__init__()
         self.model = model
         self.weights = list(weights)
+        self.base_labels = base_labels
+        self.feature_weight = feature_weight
 
     def forward(
         self,
@@ -273,6 +321,8 @@ class FastMTPTrainingModule(nn.Module):
         pair_mask: torch.BoolTensor,
         all_steps: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.base_labels:
+            labels = base_greedy_labels(self.model, hidden_states, labels, pair_mask)
         trained_steps = max(k + 1 for k, weight in enumerate(self.weights) if weight > 0)
         num_steps = len(self.weights) if all_steps else trained_steps
         outputs = recursive_head_outputs(
@@ -290,6 +340,8 @@ class FastMTPTrainingModule(nn.Module):
                 continue
             summed, hits = response_cross_entropy(self.model, output[selected], labels_k[selected])
             loss = loss + weight * summed / count
+            if self.feature_weight:
+                loss = loss + weight * self.feature_weight * feature_loss(output, hidden_states, selected, pair_mask)
             stats[step - 1] = torch.stack([summed.detach(), hits.float(), summed.new_tensor(float(count))])
         return loss, stats
 
@@ -663,7 +715,9 @@ class TrainConfig:
     max_seq_len: int | None = None
     val_fraction: float = 0.02
     seed: int = 0
-    init: str = "last-layer"
+    init: str = "random"
+    labels: str = "data"
+    feature_weight: float = 0.0
     lora_rank: int | None = None
     mixed_precision: str = "no"
     hidden_dtype: str = "float16"
@@ -699,12 +753,16 @@ class TrainConfig:
             )
         if not self.epochs > 0:
             raise TrainError(f"epochs must be > 0, got {self.epochs}.")
+        if not self.feature_weight >= 0:
+            raise TrainError(f"feature_weight must be >= 0, got {self.feature_weight}.")
         if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise TrainError("lr and max_grad_norm must be > 0 and weight_decay >= 0.")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.val_fraction < 1:
             raise TrainError("warmup_ratio and val_fraction must be in [0, 1).")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}.")
+        if self.labels not in LABELS:
+            raise TrainError(f"labels must be one of {', '.join(LABELS)}, got {self.labels!r}.")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise TrainError(f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}.")
         if self.init not in ("last-layer", "random") and not (Path(self.init) / "config.json").is_file():
@@ -838,7 +896,11 @@ class TrainingRun:
         )
         optimizer = torch.optim.AdamW(parameter_groups(model.head, config.weight_decay), lr=config.lr)
         self.module, self.optimizer, self.loader = accelerator.prepare(
-            FastMTPTrainingModule(model, self.weights), optimizer, loader
+            FastMTPTrainingModule(
+                model, self.weights, base_labels=config.labels == "base", feature_weight=config.feature_weight
+            ),
+            optimizer,
+            loader,
         )
         self.steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
@@ -966,7 +1028,7 @@ def load_examples(
 
 
 def build_model(base: PreTrainedModel, config: TrainConfig, base_model_name_or_path: str | None) -> FastMTPForCausalLM:
-    """The model with its starting head: the base's last layer (`last-layer`), `random`, or a saved head folder."""
+    """The model with its starting head: `random`, the base's last layer (`last-layer`), or a saved head folder."""
     if config.init not in ("last-layer", "random"):
         model = FastMTPForCausalLM.from_pretrained(config.init, base_model=base)
         model.config.num_draft_tokens = config.num_draft_tokens
@@ -1246,7 +1308,23 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="held out by row id hash")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data order, random and LoRA initialisation")
     parser.add_argument(
-        "--init", default=defaults.init, help="last-layer (a copy of the base's last layer), random, or a head folder"
+        "--init",
+        default=defaults.init,
+        help="random, last-layer (a copy of the base's last layer: a poor start on SmolLM2, see docs/training.md), "
+        "or a head folder to continue from",
+    )
+    parser.add_argument(
+        "--labels",
+        choices=LABELS,
+        default=defaults.labels,
+        help="what each draft learns to predict: the data's next tokens, or the base model's own greedy choice there "
+        "(what greedy verification accepts)",
+    )
+    parser.add_argument(
+        "--feature-weight",
+        type=float,
+        default=defaults.feature_weight,
+        help="add EAGLE's regression of each draft step's output onto the base's next hidden state, with this weight",
     )
     parser.add_argument(
         "--lora-rank", metavar="R", type=int, help="train LoRA adapters on the head, merged at the end"

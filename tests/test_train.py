@@ -26,6 +26,7 @@ from hf_fastmtp.train import (
     LinearCrossEntropy,
     TrainConfig,
     TrainError,
+    base_greedy_labels,
     collate_pairs,
     load_reference_examples,
     loss_weights,
@@ -101,6 +102,40 @@ def test_linear_cross_entropy_matches_autograd(monkeypatch, softcap):
     assert hits == (logits.argmax(dim=-1) == labels).sum() >= 3
     with pytest.raises(ValueError, match="frozen lm_head"):
         LinearCrossEntropy.apply(hidden, weight.requires_grad_(), bias, labels, softcap, True)
+
+
+def test_base_greedy_labels_replace_the_data_labels_where_a_next_hidden_state_exists():
+    model = tiny_fastmtp("llama")
+    hidden_size = model.config.text_config.hidden_size
+    examples = [Example("a", tuple(range(3, 12)), 4), Example("b", tuple(range(5, 11)), 2)]
+    hidden = [torch.randn(example.num_pairs, hidden_size) for example in examples]
+    batch = collate_pairs(list(zip(examples, hidden)))
+    greedy = base_greedy_labels(model, batch["hidden_states"], batch["labels"], batch["pair_mask"])
+    for row, (example, states) in enumerate(zip(examples, hidden)):
+        choices = model.get_output_embeddings()(states).argmax(dim=-1)  # the base's choice after each position
+        for p in range(batch["labels"].shape[1]):
+            data_label = int(batch["labels"][row, p])
+            if data_label == IGNORE_INDEX or p == example.num_pairs - 1:  # prompt, padding, or no h_{p+1}
+                assert int(greedy[row, p]) == data_label
+            else:
+                assert int(greedy[row, p]) == int(choices[p + 1])
+
+
+def test_feature_loss_pairs_each_output_with_the_next_hidden_state():
+    hidden_states = torch.randn(2, 5, 4)
+    pair_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    selected = torch.tensor([[False, True, True, True, True], [True, True, True, False, False]])
+    output = torch.randn(2, 5, 4)
+    # Pairs with a label and a next real position: row 0 at p = 1, 2, 3; row 1 at p = 0, 1.
+    predicted = torch.stack([output[0, 1], output[0, 2], output[0, 3], output[1, 0], output[1, 1]])
+    target = torch.stack(
+        [hidden_states[0, 2], hidden_states[0, 3], hidden_states[0, 4], hidden_states[1, 1], hidden_states[1, 2]]
+    )
+    expected = F.smooth_l1_loss(predicted, target)
+    assert torch.allclose(train_module.feature_loss(output, hidden_states, selected, pair_mask), expected)
+    shifted = output.clone()
+    shifted[:, :-1] = hidden_states[:, 1:]
+    assert train_module.feature_loss(shifted, hidden_states, selected, pair_mask) == 0
 
 
 def test_recursive_attention_mask_by_hand():
@@ -375,7 +410,15 @@ def test_resume_gives_the_same_head_as_an_uninterrupted_run(tiny, tmp_path, monk
     assert train(base, tokenizer, run_config(tmp_path / "b", data, **settings, max_rows=16)).summary["steps"] == 6
 
 
-@pytest.mark.parametrize("options", [{"init": "random"}, {"lora_rank": 2}, {"loss_weights": [1.0, 0.0, 0.0]}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"init": "last-layer"},
+        {"lora_rank": 2},
+        {"loss_weights": [1.0, 0.0, 0.0]},
+        {"labels": "base", "feature_weight": 1.0},
+    ],
+)
 def test_other_initialisations_lora_and_vanilla_weights(tiny, tmp_path, options):
     base, tokenizer = tiny
     data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 16))
@@ -477,6 +520,8 @@ def test_options_are_checked_before_loading(tmp_path):
         ({"num_draft_tokens": 0}, "num_draft_tokens"),
         ({"loss_weights": [1.0]}, "1 loss weights given for 3"),
         ({"init": str(tmp_path)}, "--init must be"),
+        ({"labels": "argmax"}, "labels must be one of data, base"),
+        ({"feature_weight": -1.0}, "feature_weight must be >= 0"),
     ]:
         with pytest.raises(TrainError, match=message):
             TrainConfig(output=str(tmp_path / "out"), **{"data": str(tmp_path), **overrides}).check()
