@@ -333,6 +333,16 @@ def training_section(summary: dict[str, Any]) -> str:
         f"- {summary['steps']:,} optimizer steps ({summary['epochs']:.2f} epochs) in {summary['seconds'] / 3600:.2f} h "
         f"({summary['train_tokens_per_second']:.0f} response tokens/s); loss weights per draft step {weights}.",
     ]
+    config = summary.get("config") or {}
+    targets = "the base model's greedy choices" if config.get("labels") == "base" else "the data's next tokens"
+    objective = [f"targets: {targets}"]
+    if config.get("feature_weight"):
+        objective.append(f"feature regression weight {config['feature_weight']}")
+    if config.get("loss_vocab_size"):
+        objective.append(f"cross-entropy over the {config['loss_vocab_size']:,} most frequent response tokens")
+    if config.get("init"):
+        objective.append(f"initialisation: {config['init']}")
+    lines.append(f"- Objective: {'; '.join(objective)}.")
     distilled_by = summary.get("distilled_by")
     if distilled_by:
         sampling = ", ".join(f"{key} {value}" for key, value in (distilled_by.get("sampling") or {}).items())

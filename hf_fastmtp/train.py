@@ -36,6 +36,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,20 +192,23 @@ def attention_mask_for(model: FastMTPForCausalLM, allowed: torch.BoolTensor) -> 
 
 
 def response_cross_entropy(
-    model: FastMTPForCausalLM, head_outputs: torch.Tensor, labels: torch.LongTensor
+    model: FastMTPForCausalLM,
+    head_outputs: torch.Tensor,
+    labels: torch.LongTensor,
+    loss_vocab: torch.LongTensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of the frozen lm_head's logits of `head_outputs` [N, H] for `labels` [N]; top-1 hits."""
+    """
+    Summed cross-entropy of the frozen lm_head's logits of `head_outputs` [N, H] for `labels` [N]; top-1 hits. With
+    `loss_vocab` (sorted token ids), over those rows of the lm_head only, and `labels` must be indices into it.
+    """
     lm_head = model.get_output_embeddings()
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if loss_vocab is not None:
+        weight = weight[loss_vocab]
+        bias = None if bias is None else bias[loss_vocab]
     softcap = getattr(model.config.text_config, "final_logit_softcapping", None)
     with_grad = torch.is_grad_enabled() and head_outputs.requires_grad
-    return LinearCrossEntropy.apply(
-        head_outputs.to(lm_head.weight.device),
-        lm_head.weight,
-        getattr(lm_head, "bias", None),
-        labels,
-        softcap,
-        with_grad,
-    )
+    return LinearCrossEntropy.apply(head_outputs.to(weight.device), weight, bias, labels, softcap, with_grad)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -306,12 +310,19 @@ class FastMTPTrainingModule(nn.Module):
         weights: Sequence[float],
         base_labels: bool = False,
         feature_weight: float = 0.0,
+        loss_vocab: torch.LongTensor | None = None,
     ):
         super().__init__()
         self.model = model
         self.weights = list(weights)
         self.base_labels = base_labels
         self.feature_weight = feature_weight
+        self.loss_vocab = None
+        if loss_vocab is not None:
+            # Token id -> its index in the loss vocabulary, or IGNORE_INDEX: labels outside it have no logit.
+            self.loss_vocab = torch.sort(loss_vocab).values
+            self.vocab_index = torch.full((model.vocab_size,), IGNORE_INDEX, dtype=torch.long)
+            self.vocab_index[self.loss_vocab] = torch.arange(len(self.loss_vocab))
 
     def forward(
         self,
@@ -323,6 +334,11 @@ class FastMTPTrainingModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.base_labels:
             labels = base_greedy_labels(self.model, hidden_states, labels, pair_mask)
+        loss_vocab = None
+        if self.loss_vocab is not None:
+            loss_vocab = self.loss_vocab.to(labels.device)
+            inside = labels != IGNORE_INDEX
+            labels = labels.masked_scatter(inside, self.vocab_index.to(labels.device)[labels[inside]])
         trained_steps = max(k + 1 for k, weight in enumerate(self.weights) if weight > 0)
         num_steps = len(self.weights) if all_steps else trained_steps
         outputs = recursive_head_outputs(
@@ -338,7 +354,7 @@ class FastMTPTrainingModule(nn.Module):
             count = int(selected.sum())
             if count == 0:
                 continue
-            summed, hits = response_cross_entropy(self.model, output[selected], labels_k[selected])
+            summed, hits = response_cross_entropy(self.model, output[selected], labels_k[selected], loss_vocab)
             loss = loss + weight * summed / count
             if self.feature_weight:
                 loss = loss + weight * self.feature_weight * feature_loss(output, hidden_states, selected, pair_mask)
@@ -718,6 +734,7 @@ class TrainConfig:
     init: str = "random"
     labels: str = "data"
     feature_weight: float = 0.0
+    loss_vocab_size: int | None = None
     lora_rank: int | None = None
     mixed_precision: str = "no"
     hidden_dtype: str = "float16"
@@ -740,6 +757,7 @@ class TrainConfig:
             "max_steps": self.max_steps,
             "max_rows": self.max_rows,
             "lora_rank": self.lora_rank,
+            "loss_vocab_size": self.loss_vocab_size,
             "eval_every": self.eval_every,
             "save_every": self.save_every,
             "log_every": self.log_every,
@@ -894,10 +912,19 @@ class TrainingRun:
             batch_sampler=self.sampler,
             collate_fn=collate_pairs,
         )
+        self.loss_vocab = None
+        if config.loss_vocab_size:
+            self.loss_vocab = frequent_response_tokens(
+                [data.examples[i] for i in data.train_indices], config.loss_vocab_size
+            )
         optimizer = torch.optim.AdamW(parameter_groups(model.head, config.weight_decay), lr=config.lr)
         self.module, self.optimizer, self.loader = accelerator.prepare(
             FastMTPTrainingModule(
-                model, self.weights, base_labels=config.labels == "base", feature_weight=config.feature_weight
+                model,
+                self.weights,
+                base_labels=config.labels == "base",
+                feature_weight=config.feature_weight,
+                loss_vocab=self.loss_vocab,
             ),
             optimizer,
             loader,
@@ -1062,6 +1089,13 @@ def parameter_groups(head: nn.Module, weight_decay: float) -> list[dict]:
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
+
+
+def frequent_response_tokens(examples: Sequence[Example], size: int) -> torch.LongTensor:
+    """The `size` most frequent response tokens of `examples` (ties: lower id first), for `--loss-vocab-size`."""
+    counts = Counter(token for example in examples for token in example.input_ids[example.prompt_length :])
+    ranked = sorted(counts, key=lambda token: (-counts[token], token))
+    return torch.tensor(ranked[:size], dtype=torch.long)
 
 
 def validation_batches(
@@ -1325,6 +1359,13 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=defaults.feature_weight,
         help="add EAGLE's regression of each draft step's output onto the base's next hidden state, with this weight",
+    )
+    parser.add_argument(
+        "--loss-vocab-size",
+        type=int,
+        metavar="N",
+        help="cross-entropy over the N most frequent response tokens only (several times faster on a CPU); draft "
+        "with a vocabulary map of at most that size",
     )
     parser.add_argument(
         "--lora-rank", metavar="R", type=int, help="train LoRA adapters on the head, merged at the end"

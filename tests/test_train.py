@@ -248,6 +248,42 @@ def test_padded_batch_equals_single_sequences(tmp_path):
     assert batched_stats[:, 2].tolist() == [28 + 21, 28 + 20, 28 + 19]
 
 
+def test_loss_vocabulary_is_a_cross_entropy_over_its_rows():
+    model = tiny_fastmtp("llama")
+    torch.manual_seed(3)
+    examples = [Example(name, tuple(torch.randint(1, 97, (30,)).tolist()), prompt_length=5) for name in "ab"]
+    hidden_size = model.config.text_config.hidden_size
+    batch = collate_pairs([(example, torch.randn(example.num_pairs, hidden_size)) for example in examples])
+    weights = loss_weights(NUM_DRAFT_TOKENS)
+    with torch.no_grad():
+        full_loss, full_stats = FastMTPTrainingModule(model, weights)(**batch, all_steps=True)
+        # The whole vocabulary, in any order, is the full cross-entropy.
+        everything = FastMTPTrainingModule(model, weights, loss_vocab=torch.randperm(model.vocab_size))
+        loss, stats = everything(**batch, all_steps=True)
+        torch.testing.assert_close((loss, stats), (full_loss, full_stats))
+
+        subset = train_module.frequent_response_tokens(examples, 24)
+        loss, stats = FastMTPTrainingModule(model, weights, loss_vocab=subset)(**batch, all_steps=True)
+        outputs = recursive_head_outputs(
+            model, batch["hidden_states"], batch["input_ids"], batch["pair_mask"], NUM_DRAFT_TOKENS
+        )
+    rows = torch.sort(subset).values
+    for step, output in enumerate(outputs, start=1):
+        labels = step_labels(batch["labels"], step)
+        inside = (labels[..., None] == rows).any(-1)
+        logits = model.get_output_embeddings()(output[inside])[:, rows]
+        targets = torch.searchsorted(rows, labels[inside])
+        expected = F.cross_entropy(logits, targets, reduction="sum")
+        torch.testing.assert_close(stats[step - 1, 0], expected, atol=1e-4, rtol=1e-5)
+        assert stats[step - 1, 2] == inside.sum() < (labels != IGNORE_INDEX).sum()
+        assert stats[step - 1, 1] == (logits.argmax(-1) == targets).sum()
+
+
+def test_frequent_response_tokens_count_responses_only():
+    examples = [Example("a", (7, 7, 7, 1, 2, 2), prompt_length=3), Example("b", (3, 1, 2), prompt_length=1)]
+    assert train_module.frequent_response_tokens(examples, 2).tolist() == [2, 1]  # 7 is prompt-only
+
+
 def test_eager_attention_takes_the_mask_as_a_bias():
     sdpa = tiny_fastmtp("llama")
     eager = tiny_fastmtp("llama")
