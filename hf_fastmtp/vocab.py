@@ -17,6 +17,7 @@ from .draft_vocab import detect_language
 
 DEFAULT_SIZES = (4096, 8192, 16384, 32768)
 OVERALL = "all"
+VOCAB_SECTION = "## Vocabulary maps"
 
 
 def count_tokens(rows: Iterable[dict], vocab_size: int) -> dict[str, np.ndarray]:
@@ -101,6 +102,27 @@ def install_into_head(head_dir: Path, output_dir: Path, manifest: dict, default:
     temporary = config_path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(temporary, config_path)
+    add_to_model_card(head_dir / "README.md", chosen, manifest, default)
+
+
+def add_to_model_card(card_path: Path, chosen: dict[str, str], manifest: dict, default: str) -> None:
+    """Appends (or replaces) the model card's section on the installed maps: languages, sizes and coverage."""
+    if not card_path.is_file():
+        return
+    rows = ["| language | map | tokens counted | coverage of those tokens |", "| --- | --- | --- | --- |"]
+    for language, path in chosen.items():
+        size = int(Path(path).stem.rsplit("_", 1)[1])
+        coverage = {int(k): v for k, v in manifest["coverage"][language].items()}[size]
+        rows.append(f"| {language} | `{path}` | {manifest['tokens_counted'][language]:,} | {coverage:.1%} |")
+    section = (
+        f"{VOCAB_SECTION}\n\nDrafts are chosen among the frequent tokens of the prompt's language "
+        f'(`draft_vocab="auto"`, the default; `"{default}"` when the language is not detected or has no map; '
+        '`draft_vocab="full"` turns this off). Verification always uses the full vocabulary, so the output does '
+        "not change.\n\n" + "\n".join(rows) + "\n"
+    )
+    card = card_path.read_text(encoding="utf-8")
+    card = card.split(f"\n{VOCAB_SECTION}")[0].rstrip("\n") + "\n\n" + section
+    card_path.write_text(card, encoding="utf-8")
 
 
 def cmd_build_vocab(args: argparse.Namespace) -> None:

@@ -43,6 +43,28 @@ def test_greedy_identical_on_spec_bench(smollm2):
         assert model.last_fastmtp_stats.cycles > 0
 
 
+def test_the_shipped_head_is_trained_and_routes_by_language(smollm2):
+    from hf_fastmtp.embedded import SHIPPED_HEAD_DIR
+
+    model, tokenizer = smollm2
+    card = (SHIPPED_HEAD_DIR / "README.md").read_text(encoding="utf-8")
+    assert "## Training" in card and "fastmtp train" in card and "non-commercial" in card
+    assert set(model.draft_vocab_maps) >= {"all", "en", "zh"}
+
+    accepted = 0
+    for question in spec_bench_prompts(6):
+        model.generate(**encode_chat(tokenizer, question), max_new_tokens=64, fastmtp=True)
+        accepted += model.last_fastmtp_stats.accepted_tokens
+    assert accepted > 0  # an untrained head accepts none (tau 1.00)
+
+    chinese = encode_chat(tokenizer, "请用三句话介绍一下长城的历史。")
+    model.generate(**chinese, max_new_tokens=8, fastmtp=True)
+    stats = model.last_fastmtp_stats
+    assert stats.language == "zh" and stats.draft_vocab_size == model.draft_vocab_maps["zh"].numel()
+    model.generate(**encode_chat(tokenizer, "Why is the sky blue?"), max_new_tokens=8, fastmtp=True)
+    assert model.last_fastmtp_stats.language == "en"
+
+
 def test_streamer_receives_exactly_the_generated_tokens(smollm2):
     from threading import Thread
 

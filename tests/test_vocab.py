@@ -248,5 +248,10 @@ def test_build_vocab_cli_installs_the_chosen_size_from_the_first_rows(tmp_path, 
         "zh": "vocab/freq_zh_4.pt",
     }  # the fourth row (French) was not counted
     assert "all: 11 tokens" in capsys.readouterr().out
+    card = (tmp_path / "head" / "README.md").read_text()
+    assert card.count("## Vocabulary maps") == 1 and "| zh | `vocab/freq_zh_4.pt` | 4 | 100.0% |" in card
     with pytest.raises(ValueError, match="No 16-token map for 'all'"):
         main([*argv, "--install-size", "16"])
+    main([*argv, "--install-size", "8", "--max-rows", "3", "--min-tokens", "1"])  # again: the section is replaced
+    card = (tmp_path / "head" / "README.md").read_text()
+    assert card.count("## Vocabulary maps") == 1 and "`vocab/freq_zh_8.pt`" in card and "freq_zh_4" not in card
