@@ -302,6 +302,10 @@ class FastMTPTrainingModule(nn.Module):
     `forward` returns the weighted loss `sum_k alpha_k CE_k` (CE_k: mean over the step's response labels) and, per
     step, `[summed CE, top-1 hits, labels]` (detached) for logging and validation. Steps after the last one with a
     non-zero weight are skipped in training; `all_steps=True` (validation) computes every step.
+
+    Options (`fastmtp train` flags): `base_labels` replaces the data's labels with the base's greedy choices
+    (`--labels base`), `feature_weight` adds EAGLE's feature regression, and `loss_vocab` restricts the cross-entropy
+    (and the top-1 hits) to those tokens (`--loss-vocab-size`).
     """
 
     def __init__(
@@ -912,9 +916,9 @@ class TrainingRun:
             batch_sampler=self.sampler,
             collate_fn=collate_pairs,
         )
-        self.loss_vocab = None
+        loss_vocab = None
         if config.loss_vocab_size:
-            self.loss_vocab = frequent_response_tokens(
+            loss_vocab = frequent_response_tokens(
                 [data.examples[i] for i in data.train_indices], config.loss_vocab_size
             )
         optimizer = torch.optim.AdamW(parameter_groups(model.head, config.weight_decay), lr=config.lr)
@@ -924,7 +928,7 @@ class TrainingRun:
                 self.weights,
                 base_labels=config.labels == "base",
                 feature_weight=config.feature_weight,
-                loss_vocab=self.loss_vocab,
+                loss_vocab=loss_vocab,
             ),
             optimizer,
             loader,
