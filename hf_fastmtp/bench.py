@@ -814,20 +814,22 @@ def plot_k_sweep(figure, results: dict) -> bool:
 
 
 def plot_vocab_sweep(figure, results: dict) -> bool:
-    """tau and tok/s against the draft vocabulary (ordered by size; "auto" by its mean size), one line per K."""
+    """tau, draft ms per head step and tok/s against the draft vocabulary (ordered by size), one line per K."""
     lines = _sweep(results, along="draft_vocab", per="num_draft_tokens")
     if not lines:
         return False
-    sizes = _vocab_sizes(results)
-    order = list(sizes)
-    labels = [str(v) if isinstance(v, int) or sizes[v] == float("inf") else f"{v} ({sizes[v]:.0f})" for v in order]
-    for axes, metric in zip(figure.subplots(1, 2), ("tau", "tokens_per_second")):
+    order = list(_vocab_sizes(results))
+    metrics = {"tau": "tau", "draft_ms_per_step": "draft ms per head step", "tokens_per_second": "tok/s"}
+    for axes, (metric, label) in zip(figure.subplots(1, 3), metrics.items()):
         for k, points in lines.items():
             points = sorted(points, key=lambda point: order.index(point[0]))
             axes.plot([order.index(v) for v, _ in points], [s[metric] for _, s in points], marker="o", label=f"K={k}")
-        axes.set_xticks(range(len(order)), labels)
+        axes.set_xticks(range(len(order)), [str(v) for v in order], rotation=30, ha="right")
         axes.set_xlabel("draft vocabulary")
-        axes.set_ylabel("tau" if metric == "tau" else "tok/s")
+        axes.set_ylabel(label)
+        if metric != "tokens_per_second":  # from 1 token / 0 ms: small differences stay small
+            top = max(summary[metric] for points in lines.values() for _, summary in points)
+            axes.set_ylim(1.0 if metric == "tau" else 0.0, 1.15 * top)
     figure.axes[0].legend(fontsize="small")
     return True
 
