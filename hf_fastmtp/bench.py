@@ -219,13 +219,13 @@ def load_questions(
 
 
 def _as_question(row: Any) -> dict | None:
+    """A row of either format as a question, or None when it is neither."""
     if not isinstance(row, dict):
         return None
     if "turns" in row:
         turns = row["turns"]
         if "question_id" in row and isinstance(row.get("category"), str) and isinstance(turns, list) and turns:
-            prompt = turns[0]
-            return _question(row["question_id"], row["category"], prompt)
+            return _question(row["question_id"], row["category"], turns[0])
         return None
     if all(isinstance(row.get(name), str) for name in ("id", "source", "prompt")):
         return _question(row["id"], row["source"], row["prompt"])
