@@ -8,7 +8,8 @@ head's KV cache holds when it drafts at inference time, which a custom attention
 at once.
 
 On a CPU budget the work that does not depend on the head is done once: the base model's final hidden states are
-computed in one pass and kept in the output folder (`hidden/chunk-*.safetensors`), sequences are batched by length,
+computed in one pass and kept in the output folder (`hidden/chunk-*.safetensors`, or a `--hidden-cache` that runs
+on the same data share), sequences are batched by length,
 and the loss against the large frozen lm_head is computed in row chunks together with its gradient, so that the
 logits are neither stored nor recomputed. Runs are resumable: rerunning the same command continues from the latest
 checkpoint and ends with the same head as an uninterrupted run.
@@ -742,6 +743,7 @@ class TrainConfig:
     lora_rank: int | None = None
     mixed_precision: str = "no"
     hidden_dtype: str = "float16"
+    hidden_cache: str | None = None
     eval_every: int | None = None
     save_every: int = 100
     log_every: int = 10
@@ -800,7 +802,17 @@ class TrainConfig:
         The options that decide the trained head: a checkpoint made with others cannot be resumed with these. Which
         data (path, --max-rows) is checked on the examples themselves (`TrainingData.fingerprint`).
         """
-        ignored = ("output", "data", "reference_data", "max_rows", "eval_every", "save_every", "log_every", "progress")
+        ignored = (
+            "output",
+            "data",
+            "reference_data",
+            "max_rows",
+            "hidden_cache",
+            "eval_every",
+            "save_every",
+            "log_every",
+            "progress",
+        )
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
@@ -837,6 +849,7 @@ def train(
     from accelerate.utils import set_seed
 
     config.check()
+    Path(config.output).mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
     data = prepare_data(base, tokenizer, config, accelerator)
@@ -890,7 +903,7 @@ def prepare_data(
     store = precompute_hidden_states(
         base,
         examples,
-        Path(config.output) / "hidden",
+        config.hidden_cache or Path(config.output) / "hidden",
         dtype=HIDDEN_DTYPES[config.hidden_dtype],
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
@@ -1382,6 +1395,12 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--hidden-dtype", choices=tuple(HIDDEN_DTYPES), default=defaults.hidden_dtype, help="cached hidden states"
+    )
+    parser.add_argument(
+        "--hidden-cache",
+        metavar="DIR",
+        help="where the base's hidden states are cached (default: OUTPUT/hidden); runs on the same data can share "
+        "one, each chunk is checked against the rows and the base before it is reused",
     )
     parser.add_argument("--eval-every", metavar="N", type=int, help="validation interval (default: 10 per run)")
     parser.add_argument("--save-every", metavar="N", type=int, default=defaults.save_every, help="checkpoint interval")

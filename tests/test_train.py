@@ -446,6 +446,28 @@ def test_resume_gives_the_same_head_as_an_uninterrupted_run(tiny, tmp_path, monk
     assert train(base, tokenizer, run_config(tmp_path / "b", data, **settings, max_rows=16)).summary["steps"] == 6
 
 
+def test_runs_on_the_same_data_share_a_hidden_state_cache(tiny, tmp_path, monkeypatch):
+    base, tokenizer = tiny
+    data = write_distilled(tmp_path / "data", tokenizer, distilled_rows(tokenizer, 16))
+    cache = tmp_path / "hidden"
+    first = run_config(tmp_path / "a", data, hidden_cache=str(cache))
+    train(base, tokenizer, first)
+    assert [path.name for path in cache.iterdir()] == ["chunk-00000.safetensors"]
+    assert not (Path(first.output) / "hidden").exists()
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the cached hidden states should have been reused")
+
+    monkeypatch.setattr(train_module, "base_hidden_states", recompute)
+    second = run_config(tmp_path / "b", data, hidden_cache=str(cache))
+    train(base, tokenizer, second)
+    heads = [load_file(Path(c.output) / "head" / "model.safetensors") for c in (first, second)]
+    assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
+    # A run on other rows recomputes the chunk rather than reading states that belong to other tokens.
+    with pytest.raises(AssertionError, match="should have been reused"):
+        train(base, tokenizer, run_config(tmp_path / "c", data, hidden_cache=str(cache), max_rows=15))
+
+
 @pytest.mark.parametrize(
     "options",
     [
