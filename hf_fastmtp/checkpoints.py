@@ -323,14 +323,30 @@ def model_card(config: PretrainedConfig, extra: dict[str, Any] | None = None) ->
 
 def training_section(summary: dict[str, Any]) -> str:
     """How the head was trained, from `fastmtp train`'s training_summary.json: enough to reproduce and judge it."""
-    rows, tokens = summary["rows"], summary["response_tokens"]
-    weights = " / ".join(f"{w:.2f}" for w in summary["loss_weights"])
+    stages = [summary]
+    while stages[0].get("initialised_from"):
+        stages.insert(0, stages[0]["initialised_from"])
+    if len(stages) == 1:
+        return "\n".join(["## Training", "", *stage_lines(summary)])
+    hours = sum(stage["seconds"] for stage in stages) / 3600
     lines = [
         "## Training",
         "",
+        f"In {len(stages)} stages ({hours:.2f} h in all), each continuing from the head of the last.",
+    ]
+    for number, stage in enumerate(stages, 1):
+        lines += ["", f"### Stage {number}", "", *stage_lines(stage)]
+    return "\n".join(lines)
+
+
+def stage_lines(summary: dict[str, Any]) -> list[str]:
+    """One `fastmtp train` run: data, steps, time, objective, held-out accuracy and the command line."""
+    rows, tokens = summary["rows"], summary["response_tokens"]
+    weights = " / ".join(f"{w:.2f}" for w in summary["loss_weights"])
+    lines = [
         f"- Data: {rows['train']:,} rows ({tokens['train']:,} response tokens) for training, {rows['validation']:,} "
         f"rows ({tokens['validation']:,} response tokens) held out.",
-        f"- {summary['steps']:,} optimizer steps ({summary['epochs']:.2f} epochs) in {summary['seconds'] / 3600:.2f} h "
+        f"- {summary['steps']:,} optimizer step{'' if summary['steps'] == 1 else 's'} ({summary['epochs']:.2f} epochs) in {summary['seconds'] / 3600:.2f} h "
         f"({summary['train_tokens_per_second']:.0f} response tokens/s); loss weights per draft step {weights}.",
     ]
     config = summary.get("config") or {}
@@ -346,7 +362,7 @@ def training_section(summary: dict[str, Any]) -> str:
     distilled_by = summary.get("distilled_by")
     if distilled_by:
         sampling = ", ".join(f"{key} {value}" for key, value in (distilled_by.get("sampling") or {}).items())
-        lines.insert(2, f"- Self-distilled: the answers are {distilled_by['model']}'s own ({sampling}).")
+        lines.insert(0, f"- Self-distilled: the answers are {distilled_by['model']}'s own ({sampling}).")
     validation = summary.get("final_validation")
     if validation:
         accuracy = " / ".join(f"{a:.1%}" for a in validation["val_accuracy"])
@@ -354,8 +370,7 @@ def training_section(summary: dict[str, Any]) -> str:
             f"- Held-out teacher-forced top-1 accuracy per draft step: {accuracy} (tau estimate "
             f"{summary['tau_estimate']:.2f})."
         )
-    lines += ["", "```bash", summary["command"], "```"]
-    return "\n".join(lines)
+    return [*lines, "", "```bash", summary["command"], "```"]
 
 
 def stats_table(stats: dict[str, Any]) -> str:

@@ -18,7 +18,8 @@ An output folder holds:
     hidden/                 the base model's final hidden states, one safetensors file per chunk of rows
     checkpoints/step-N/     the latest checkpoint: head weights, optimizer, scheduler, RNG, data position
     train_log.jsonl         training loss every --log-every steps, validation loss and accuracy per eval
-    head/                   the trained head (`FastMTPForCausalLM.from_pretrained(output / "head")`)
+    head/                   the trained head (`FastMTPForCausalLM.from_pretrained(output / "head")`), with a copy of
+                            the summary, so that a run continuing from it records both
     training_summary.json   data, steps, time, throughput, final validation accuracy per step, command line
     training.png            loss and per-step validation accuracy over the steps
 """
@@ -1244,6 +1245,8 @@ def save_head(model: FastMTPForCausalLM, head_dir: Path, report: DataReport, sum
     staging = head_dir.with_name(f".staging-{head_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, model_card_extra={"datasets": report.sources, "training": summary})
+    # Kept with the head, so that a run continuing from it (--init) can record the whole lineage.
+    (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(head_dir, ignore_errors=True)
     os.replace(staging, head_dir)
 
@@ -1278,6 +1281,9 @@ def write_summary(config: TrainConfig, data: TrainingData, state: TrainState, st
     if config.data is not None:
         manifest = read_manifest(config.data)
         summary["distilled_by"] = {"model": manifest.get("model"), "sampling": manifest.get("sampling")}
+    init_summary = Path(config.init) / SUMMARY_NAME
+    if init_summary.is_file():  # continued from a head that `fastmtp train` made: its training comes first
+        summary["initialised_from"] = json.loads(init_summary.read_text(encoding="utf-8"))
     (output / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 

@@ -490,6 +490,12 @@ def test_other_initialisations_lora_and_vanilla_weights(tiny, tmp_path, options)
         assert changed and all(name.endswith("proj.weight") for name in changed)
     again = train(base, tokenizer, run_config(tmp_path / "again", data, max_steps=1, init=str(result.head_dir)))
     assert again.summary["steps"] == 1
+    # The continued head records its lineage: the first run's summary, and both stages in the model card.
+    assert again.summary["initialised_from"] == json.loads((result.head_dir / "training_summary.json").read_text())
+    card = (again.head_dir / "README.md").read_text()
+    assert "In 2 stages" in card and card.index("### Stage 1") < card.index("2 optimizer steps") < card.index(
+        "### Stage 2"
+    ) < card.index("1 optimizer step (")
     if "loss_weights" in options:
         # Validation still measures every step, so the vanilla ablation's later drafts are reported too.
         assert len(read_log(tmp_path / "out")[-1]["val_accuracy"]) == NUM_DRAFT_TOKENS
