@@ -855,6 +855,96 @@ def _vocab_sizes(results: dict) -> dict:
     return dict(sorted(sizes.items(), key=lambda item: (item[1], str(item[0]))))
 
 
+# ---------------------------------------------------------------------------------------------- comparing runs
+
+
+COMPARE_MD_NAME = "comparison.md"
+COMPARE_PNG_NAME = "comparison.png"
+
+
+def load_results(folder: str | os.PathLike) -> dict:
+    """The results.json of a finished `fastmtp bench --output folder` run."""
+    path = Path(folder) / RESULTS_JSON_NAME
+    if not path.is_file():
+        raise BenchError(f"{folder} has no {RESULTS_JSON_NAME}: run `fastmtp bench --output {folder}` first.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def fastmtp_lines(runs: dict[str, dict]) -> dict[str, list[dict]]:
+    """`{label: FastMTP overall summaries with their options, by K}`; a run with several vocabularies gets a line each."""
+    lines: dict[str, list[dict]] = {}
+    for label, results in runs.items():
+        entries = [entry for entry in results["by_mode"].values() if entry["method"] == "fastmtp"]
+        vocabs = {entry["options"]["draft_vocab"] for entry in entries}
+        for entry in entries:
+            name = label if len(vocabs) == 1 else f"{label} ({entry['options']['draft_vocab']})"
+            lines.setdefault(name, []).append({**entry["overall"], **entry["options"]})
+    return {name: sorted(points, key=lambda point: point["num_draft_tokens"]) for name, points in lines.items()}
+
+
+def comparison_table(runs: dict[str, dict]) -> str:
+    """One row per run (and vocabulary): tau and speedup at each K, acceptance by position at the largest K."""
+    lines = fastmtp_lines(runs)
+    ks = sorted({point["num_draft_tokens"] for points in lines.values() for point in points})
+    header = ["run", *[f"K={k} {metric}" for k in ks for metric in ("tau", "speedup")], "acceptance at the largest K"]
+    rows = []
+    for name, points in lines.items():
+        by_k = {point["num_draft_tokens"]: point for point in points}
+        cells = [name]
+        for k in ks:
+            cells += (
+                [_format("tau", by_k[k]["tau"]), _format("speedup", by_k[k]["speedup"])] if k in by_k else ["-"] * 2
+            )
+        cells.append(" / ".join(_percent(rate) for rate in points[-1]["acceptance_cumulative"]))
+        rows.append(cells)
+    return format_table(header, rows)
+
+
+def plot_comparison(figure, runs: dict[str, dict]) -> bool:
+    """tau against K, and cumulative acceptance by draft position at the largest K, one line per run."""
+    lines = fastmtp_lines(runs)
+    if not lines:
+        return False
+    tau_axes, acceptance_axes = figure.subplots(1, 2)
+    for name, points in lines.items():
+        tau_axes.plot([p["num_draft_tokens"] for p in points], [p["tau"] for p in points], marker="o", label=name)
+        rates = points[-1]["acceptance_cumulative"]
+        acceptance_axes.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
+    tau_axes.set_xlabel("K (drafts per cycle)")
+    tau_axes.set_ylabel("tau")
+    acceptance_axes.set_xlabel("draft position k (at the largest K)")
+    acceptance_axes.set_ylabel("P(drafts 1..k accepted)")
+    for axes in (tau_axes, acceptance_axes):
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    tau_axes.legend(fontsize="small")
+    return True
+
+
+def write_comparison(runs: dict[str, dict], output_dir: str | os.PathLike) -> list[Path]:
+    """comparison.md (the table, and each run's settings) and comparison.png in `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = [
+        f"- {label}: head {results['settings']['head'] or 'shipped'}, "
+        f"{results['by_mode'][results['reference']]['overall']['prompts']} prompts, "
+        f"{results['settings']['max_new_tokens']} new tokens"
+        for label, results in runs.items()
+    ]
+    text = "# FastMTP runs compared\n\n" + comparison_table(runs) + "\n\n" + "\n".join(settings) + "\n"
+    (output_dir / COMPARE_MD_NAME).write_text(text, encoding="utf-8")
+    written = [output_dir / COMPARE_MD_NAME]
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (pip install matplotlib).")
+        return written
+    figure = Figure(figsize=(9, 4.5), layout="constrained")
+    if plot_comparison(figure, runs):
+        figure.savefig(output_dir / COMPARE_PNG_NAME, dpi=120)
+        written.append(output_dir / COMPARE_PNG_NAME)
+    return written
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -916,6 +1006,31 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         "--head", metavar="PATH", help="FastMTP head folder (default: the shipped head; with --base: a new head)"
     )
     parser.set_defaults(func=cmd_bench)
+
+    compare = commands.add_parser(
+        "compare",
+        help="tables and a plot of several `fastmtp bench` runs side by side (heads, training recipes)",
+        description="Reads the results.json of each run and writes comparison.md (tau and speedup per K, acceptance "
+        "by draft position) and comparison.png (tau against K, acceptance by position) to --output.",
+    )
+    compare.add_argument("runs", nargs="+", metavar="LABEL=DIR", help="a label and a `fastmtp bench --output` folder")
+    compare.add_argument("--output", required=True, metavar="DIR", help="folder for comparison.md and comparison.png")
+    compare.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    runs = {}
+    try:
+        for run in args.runs:
+            label, separator, folder = run.partition("=")
+            if not separator or not label or not folder:
+                raise BenchError(f"{run!r}: give each run as LABEL=DIR, e.g. vanilla=runs/table1-vanilla.")
+            runs[label] = load_results(folder)
+    except BenchError as error:
+        raise SystemExit(f"fastmtp compare: error: {error}") from None
+    written = write_comparison(runs, args.output)
+    print(comparison_table(runs))
+    print("\nWritten: " + ", ".join(str(path) for path in written))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -991,10 +1106,12 @@ __all__ = [
     "aggregate",
     "build_modes",
     "check_lossless",
+    "comparison_table",
     "load_questions",
     "register_cli",
     "render_markdown",
     "run_bench",
     "timed_generate",
+    "write_comparison",
     "write_reports",
 ]

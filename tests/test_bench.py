@@ -187,6 +187,48 @@ def test_cli_options():
         bench.cmd_bench(parser.parse_args(["bench", "--output", "o", "--modes", "ar", "assisted"]))
 
 
+def write_results(folder: Path, accepted: list[int]) -> Path:
+    """A bench folder with K=1 and K=2 runs of a head that accepts `accepted` drafts by position (of 2 per cycle)."""
+    records = []
+    for question_id in range(2):
+        records.append(record(question_id, "a", "ar", [1, 2, 3], 1.0))
+        for k in (1, 2):
+            entry = record(question_id, "a", f"fastmtp-k{k}-full", [1, 2, 3], 0.5, stats([2] * k, accepted[:k], 2))
+            entry["options"] = {"num_draft_tokens": k, "draft_vocab": "full"}
+            records.append(entry)
+    folder.mkdir()
+    results = {"settings": {"head": str(folder), "max_new_tokens": 3}, **aggregate(records)}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_compare_runs(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    strong, weak = write_results(tmp_path / "strong", [2, 1]), write_results(tmp_path / "weak", [1, 0])
+    args = parser.parse_args(["compare", "--output", str(tmp_path / "out"), f"strong={strong}", f"weak={weak}"])
+    args.func(args)
+
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    # strong: tau (2 + 2) / 2 at K=1 and (3 + 2) / 2 at K=2; weak: (1 + 2) / 2 at both; speedup 1.0 / 0.5 s.
+    assert [cell.strip() for cell in rows["strong"].split("|")[2:-1]] == [
+        "2.00",
+        "2.00x",
+        "2.50",
+        "2.00x",
+        "100% / 50%",
+    ]
+    assert [cell.strip() for cell in rows["weak"].split("|")[2:-1]] == ["1.50", "2.00x", "1.50", "2.00x", "50% / 0%"]
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+    assert "strong" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="LABEL=DIR"):
+        args.func(parser.parse_args(["compare", "--output", "o", str(strong)]))
+    with pytest.raises(SystemExit, match="no results.json.*fastmtp bench --output"):
+        args.func(parser.parse_args(["compare", "--output", "o", f"missing={tmp_path / 'missing'}"]))
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 WORDS = "give three tips for staying healthy why is the sky blue write a poem about the sea".split()
