@@ -346,8 +346,9 @@ def stage_lines(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"- Data: {rows['train']:,} rows ({tokens['train']:,} response tokens) for training, {rows['validation']:,} "
         f"rows ({tokens['validation']:,} response tokens) held out.",
-        f"- {summary['steps']:,} optimizer step{'' if summary['steps'] == 1 else 's'} ({summary['epochs']:.2f} epochs) in {summary['seconds'] / 3600:.2f} h "
-        f"({summary['train_tokens_per_second']:.0f} response tokens/s); loss weights per draft step {weights}.",
+        f"- {summary['steps']:,} optimizer step{'' if summary['steps'] == 1 else 's'} ({summary['epochs']:.2f} epochs) "
+        f"in {summary['seconds'] / 3600:.2f} h ({summary['train_tokens_per_second']:.0f} response tokens/s); loss "
+        f"weights per draft step {weights}.",
     ]
     config = summary.get("config") or {}
     targets = "the base model's greedy choices" if config.get("labels") == "base" else "the data's next tokens"

@@ -8,11 +8,11 @@ head's KV cache holds when it drafts at inference time, which a custom attention
 at once.
 
 On a CPU budget the work that does not depend on the head is done once: the base model's final hidden states are
-computed in one pass and kept in the output folder (`hidden/chunk-*.safetensors`, or a `--hidden-cache` that runs
-on the same data share), sequences are batched by length,
-and the loss against the large frozen lm_head is computed in row chunks together with its gradient, so that the
-logits are neither stored nor recomputed. Runs are resumable: rerunning the same command continues from the latest
-checkpoint and ends with the same head as an uninterrupted run.
+computed in one pass and kept in the output folder (`hidden/chunk-*.safetensors`, or in a `--hidden-cache` that
+runs on the same data share), sequences are batched by length, and the loss against the large frozen lm_head is
+computed in row chunks together with its gradient, so that the logits are neither stored nor recomputed. Runs are
+resumable: rerunning the same command continues from the latest checkpoint and ends with the same head as an
+uninterrupted run.
 
 An output folder holds:
     hidden/                 the base model's final hidden states, one safetensors file per chunk of rows
@@ -1282,7 +1282,8 @@ def write_summary(config: TrainConfig, data: TrainingData, state: TrainState, st
         manifest = read_manifest(config.data)
         summary["distilled_by"] = {"model": manifest.get("model"), "sampling": manifest.get("sampling")}
     init_summary = Path(config.init) / SUMMARY_NAME
-    if init_summary.is_file():  # continued from a head that `fastmtp train` made: its training comes first
+    if config.init not in ("random", "last-layer") and init_summary.is_file():
+        # Continued from a head that `fastmtp train` made: its training comes first.
         summary["initialised_from"] = json.loads(init_summary.read_text(encoding="utf-8"))
     (output / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
