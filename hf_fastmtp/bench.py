@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import zip_longest
+from itertools import product, zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table
+from .cpu_kernels import weight_first_lm_head
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .prompts import encode_chat
@@ -99,14 +100,15 @@ def forward_cost(
 ) -> dict[int, float]:
     """
     Median milliseconds of one base-model forward over n = 1..`max_new_tokens` new tokens after a `context`-token
-    cache: what verifying K drafts (n = K + 1) costs against a plain decoding step (n = 1) on this hardware.
+    cache: what verifying K drafts (n = K + 1) costs against a plain decoding step (n = 1) on this hardware, with the
+    lm_head kernel that FastMTP verifies with.
     """
     base = model.model
     context = min(context, getattr(base.config, "max_position_embeddings", context) - max_new_tokens)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(model.vocab_size, (1, context + max_new_tokens), generator=generator).to(model.device)
     cache = DynamicCache(config=base.config)
-    with torch.inference_mode():
+    with torch.inference_mode(), weight_first_lm_head(model):
         base(input_ids=input_ids[:, :context], past_key_values=cache, use_cache=True)
         timings = {n: [] for n in range(1, max_new_tokens + 1)}
         for repeat in range(repeats + 1):  # the first round warms up
@@ -144,13 +146,25 @@ def parse_draft_vocab(value: str) -> str | int:
     return value
 
 
+def parse_confidence_threshold(value: str) -> float | None:
+    """A `--confidence-threshold` value: a probability; 0 runs without the gate."""
+    threshold = float(value)
+    if not 0.0 <= threshold <= 1.0:
+        raise argparse.ArgumentTypeError("a confidence threshold is a probability between 0 and 1")
+    return threshold or None
+
+
 def build_modes(
     methods: Iterable[str],
     num_draft_tokens: Sequence[int],
     draft_vocabs: Sequence[str | int] = ("full",),
     pld_tokens: int = 10,
+    confidence_thresholds: Sequence[float | None] = (None,),
 ) -> list[Mode]:
-    """The modes to compare: `ar` (always, first: it is the reference) and every K x vocabulary for `fastmtp`."""
+    """
+    The modes to compare: `ar` (always, first: it is the reference) and every K x vocabulary x confidence threshold
+    for `fastmtp`.
+    """
     methods = list(dict.fromkeys([REFERENCE, *methods]))
     if unknown := set(methods) - set(METHODS):
         raise BenchError(f"Unknown mode(s) {sorted(unknown)}; choose from {', '.join(METHODS)}.")
@@ -158,9 +172,13 @@ def build_modes(
     for method in methods:
         if method == "fastmtp":
             for k in dict.fromkeys(num_draft_tokens):
-                for vocab in dict.fromkeys(draft_vocabs):
+                for vocab, threshold in product(dict.fromkeys(draft_vocabs), dict.fromkeys(confidence_thresholds)):
                     options = {"num_draft_tokens": k, "draft_vocab": vocab}
-                    modes.append(Mode(f"fastmtp-k{k}-{vocab}", method, options))
+                    label = f"fastmtp-k{k}-{vocab}"
+                    if threshold is not None:
+                        options["draft_confidence_threshold"] = threshold
+                        label += f"-c{threshold:g}"
+                    modes.append(Mode(label, method, options))
         elif method == "pld":
             modes.append(Mode(f"pld-{pld_tokens}", method, {"prompt_lookup_num_tokens": pld_tokens}))
         else:
@@ -265,6 +283,7 @@ def run_bench(
     methods: Sequence[str] = DEFAULT_METHODS,
     num_draft_tokens: Sequence[int] | None = None,
     draft_vocabs: Sequence[str | int] = ("full",),
+    confidence_thresholds: Sequence[float | None] = (None,),
     pld_tokens: int = 10,
     max_new_tokens: int = 128,
     assistant_model: PreTrainedModel | None = None,
@@ -276,7 +295,7 @@ def run_bench(
     Runs every (prompt, mode) pair that `output_dir` does not hold yet, then writes the results and returns them.
 
     `questions`, `per_category`, `categories` and `exclude_ids` select the prompts (`load_questions`).
-    `num_draft_tokens` defaults to the head's K. `assistant_model` is needed for the `assisted` method; give
+    `num_draft_tokens` defaults to the head's K; `confidence_thresholds` adds gated FastMTP modes (None: ungated). `assistant_model` is needed for the `assisted` method; give
     `assistant_tokenizer` too when it does not share the model's tokenizer. `model_name` (default: the base model's
     `name_or_path`) identifies the base in settings.json, next to a hash of the head's weights.
     """
@@ -290,7 +309,9 @@ def run_bench(
         raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
     exclude_ids = set(exclude_ids)
     selection = load_questions(questions, per_category, categories=categories, exclude_ids=exclude_ids)
-    modes = build_modes(methods, num_draft_tokens or [model.config.num_draft_tokens], draft_vocabs, pld_tokens)
+    modes = build_modes(
+        methods, num_draft_tokens or [model.config.num_draft_tokens], draft_vocabs, pld_tokens, confidence_thresholds
+    )
     output_dir = Path(output_dir)
     identity = {
         "format_version": FORMAT_VERSION,
@@ -552,12 +573,9 @@ def summarize(records: Sequence[dict], reference_seconds: dict) -> dict:
 def acceptance(stats: Sequence[dict]) -> dict:
     """tau and per-position acceptance of several generate() calls, from their summed counts."""
     cycles = sum(entry["cycles"] for entry in stats)
-    drafted = [sum(counts) for counts in zip_longest(*(entry["drafted_per_position"] for entry in stats), fillvalue=0)]
-    accepted = [
-        sum(counts) for counts in zip_longest(*(entry["accepted_per_position"] for entry in stats), fillvalue=0)
-    ]
-    # Drafts at position k are only judged when drafts 1..k-1 were all accepted.
-    reached = drafted[:1] + accepted[:-1]
+    drafted = _summed_per_position(entry["drafted_per_position"] for entry in stats)
+    reached = _summed_per_position(_reached_per_position(entry) for entry in stats)
+    accepted = _summed_per_position(entry["accepted_per_position"] for entry in stats)
     vocab_sizes = [entry["draft_vocab_size"] for entry in stats if entry.get("draft_vocab_size") is not None]
     return {
         "cycles": cycles,
@@ -575,6 +593,17 @@ def acceptance(stats: Sequence[dict]) -> dict:
         "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,
         "languages": dict(Counter(entry.get("language") or "unknown" for entry in stats)),
     }
+
+
+def _summed_per_position(counts: Iterable[list[int]]) -> list[int]:
+    return [sum(position) for position in zip_longest(*counts, fillvalue=0)]
+
+
+def _reached_per_position(stats: dict) -> list[int]:
+    """Cycles that judged draft k: drafted it with drafts 1..k-1 all accepted (derived for records that predate it)."""
+    if "reached_per_position" in stats:
+        return stats["reached_per_position"]
+    return stats["drafted_per_position"][:1] + stats["accepted_per_position"][:-1]
 
 
 def check_lossless(records: Sequence[dict], reference: str = REFERENCE) -> dict:
@@ -797,15 +826,13 @@ def plot_acceptance(figure, results: dict) -> bool:
 
 
 def plot_k_sweep(figure, results: dict) -> bool:
-    """tau and tok/s against K, one line per draft vocabulary."""
-    lines = _sweep(results, along="num_draft_tokens", per="draft_vocab")
+    """tau and tok/s against K, one line per draft vocabulary (and confidence threshold)."""
+    lines = _sweep(results, along="num_draft_tokens")
     if not lines:
         return False
     for axes, metric in zip(figure.subplots(1, 2), ("tau", "tokens_per_second")):
-        for vocab, points in lines.items():
-            axes.plot(
-                [k for k, _ in points], [summary[metric] for _, summary in points], marker="o", label=f"vocab {vocab}"
-            )
+        for name, points in lines.items():
+            axes.plot([k for k, _ in points], [summary[metric] for _, summary in points], marker="o", label=name)
         axes.set_xlabel("K (drafts per cycle)")
         axes.set_ylabel("tau" if metric == "tau" else "tok/s")
         axes.xaxis.get_major_locator().set_params(integer=True)
@@ -815,15 +842,15 @@ def plot_k_sweep(figure, results: dict) -> bool:
 
 def plot_vocab_sweep(figure, results: dict) -> bool:
     """tau, draft ms per head step and tok/s against the draft vocabulary (ordered by size), one line per K."""
-    lines = _sweep(results, along="draft_vocab", per="num_draft_tokens")
+    lines = _sweep(results, along="draft_vocab")
     if not lines:
         return False
     order = list(_vocab_sizes(results))
     metrics = {"tau": "tau", "draft_ms_per_step": "draft ms per head step", "tokens_per_second": "tok/s"}
     for axes, (metric, label) in zip(figure.subplots(1, 3), metrics.items()):
-        for k, points in lines.items():
+        for name, points in lines.items():
             points = sorted(points, key=lambda point: order.index(point[0]))
-            axes.plot([order.index(v) for v, _ in points], [s[metric] for _, s in points], marker="o", label=f"K={k}")
+            axes.plot([order.index(v) for v, _ in points], [s[metric] for _, s in points], marker="o", label=name)
         axes.set_xticks(range(len(order)), [str(v) for v in order], rotation=30, ha="right")
         axes.set_xlabel("draft vocabulary")
         axes.set_ylabel(label)
@@ -834,14 +861,22 @@ def plot_vocab_sweep(figure, results: dict) -> bool:
     return True
 
 
-def _sweep(results: dict, along: str, per: str) -> dict:
-    """`{value of per: [(value of along, overall summary)]}` over the FastMTP modes, if `along` takes several values."""
+SWEEP_NAMES = {"num_draft_tokens": "K={}", "draft_vocab": "vocab {}", "draft_confidence_threshold": "confidence {}"}
+
+
+def _sweep(results: dict, along: str) -> dict:
+    """
+    `{the other options, named: [(value of along, overall summary)]}` over the FastMTP modes, if `along` takes several
+    values.
+    """
     fastmtp = [entry for entry in results["by_mode"].values() if entry["method"] == "fastmtp"]
     if len({entry["options"][along] for entry in fastmtp}) < 2:
         return {}
     lines: dict = {}
     for entry in fastmtp:
-        lines.setdefault(entry["options"][per], []).append((entry["options"][along], entry["overall"]))
+        others = {key: value for key, value in entry["options"].items() if key != along}
+        name = ", ".join(SWEEP_NAMES.get(key, key + " {}").format(value) for key, value in others.items())
+        lines.setdefault(name, []).append((entry["options"][along], entry["overall"]))
     return lines
 
 
@@ -995,6 +1030,15 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         help="FastMTP draft vocabularies, one run each: full, auto, a language code or a size (default: full)",
     )
     parser.add_argument(
+        "--confidence-threshold",
+        type=parse_confidence_threshold,
+        nargs="+",
+        metavar="P",
+        default=[None],
+        help="FastMTP runs that stop drafting where the head's top probability falls below P, one run each; 0 runs "
+        "ungated (default: 0)",
+    )
+    parser.add_argument(
         "--pld-tokens", type=int, default=10, metavar="N", help="prompt lookup decoding: tokens per lookup"
     )
     parser.add_argument("--assistant", metavar="PATH_OR_ID", help="draft model folder or Hub id for assisted decoding")
@@ -1005,6 +1049,9 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--head", metavar="PATH", help="FastMTP head folder (default: the shipped head; with --base: a new head)"
     )
+    from .cli import add_dtype_argument
+
+    add_dtype_argument(parser)
     parser.set_defaults(func=cmd_bench)
 
     compare = commands.add_parser(
@@ -1070,6 +1117,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             methods=methods,
             num_draft_tokens=args.k,
             draft_vocabs=args.draft_vocab,
+            confidence_thresholds=args.confidence_threshold,
             pld_tokens=args.pld_tokens,
             max_new_tokens=args.max_new_tokens,
             assistant_model=assistant_model,

@@ -39,6 +39,7 @@ class FastMTPStats:
     cycles: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    reached_per_position: list[int] = field(default_factory=list)
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
@@ -50,11 +51,15 @@ class FastMTPStats:
         if not self.drafted_per_position:
             self.drafted_per_position = [0] * self.num_draft_tokens
             self.accepted_per_position = [0] * self.num_draft_tokens
+            self.reached_per_position = [0] * self.num_draft_tokens
 
     def record_cycle(self, num_drafted: int, num_accepted: int) -> None:
+        """One verification pass; a pass with no drafts (nothing confident enough) is a plain decoding step."""
         self.cycles += 1
         for position in range(num_drafted):
             self.drafted_per_position[position] += 1
+            # Draft k is only judged when drafts 1..k-1 were all accepted.
+            self.reached_per_position[position] += position <= num_accepted
             self.accepted_per_position[position] += position < num_accepted
 
     @property
@@ -74,8 +79,7 @@ class FastMTPStats:
     @property
     def acceptance_conditional(self) -> list[float]:
         """P(draft k accepted | drafts 1..k-1 accepted), per position k."""
-        reached = [self.drafted_per_position[0]] + self.accepted_per_position[:-1]
-        return [a / r if r else 0.0 for a, r in zip(self.accepted_per_position, reached)]
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_per_position, self.reached_per_position)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +89,7 @@ class FastMTPStats:
             "tau": self.tau,
             "drafted_per_position": list(self.drafted_per_position),
             "accepted_per_position": list(self.accepted_per_position),
+            "reached_per_position": list(self.reached_per_position),
             "acceptance_cumulative": self.acceptance_cumulative,
             "acceptance_conditional": self.acceptance_conditional,
             "prefill_seconds": self.prefill_seconds,
@@ -114,6 +119,9 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         draft_vocabulary: optional restricted vocabulary to draft over (vocabulary compression); verification
             always uses the full vocabulary, so the output does not change.
         language: the prompt language the vocabulary was chosen for, recorded in the stats.
+        confidence_threshold: stop drafting a cycle at the first position where the head's most likely token has a
+            lower probability; a cycle with no draft is a plain decoding step. The decision never looks at the sampled
+            draft itself, so speculative sampling stays exact, and greedy output is unchanged.
     """
 
     requires_model_outputs = True
@@ -128,6 +136,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None = None,
         draft_vocabulary: DraftVocabulary | None = None,
         language: str | None = None,
+        confidence_threshold: float | None = None,
     ):
         self.model = model
         self.num_draft_tokens = num_draft_tokens
@@ -135,6 +144,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self.max_length = generation_config.max_length
         self.logits_processor = logits_processor if logits_processor else None
         self.draft_vocabulary = draft_vocabulary
+        self.confidence_threshold = confidence_threshold or 0.0
         self.head_cache = DynamicCache(config=model.head_config)
         # Sliding-window layers (Mistral) must keep their past until the speculative entries are cropped.
         self.head_cache.activate_past_recording()
@@ -146,6 +156,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             draft_vocab_size=model.vocab_size if draft_vocabulary is None else draft_vocabulary.size,
         )
         self._num_drafted = 0
+        self._awaiting_prefill = True
         self._clock = time.perf_counter()
 
     def get_candidates(
@@ -179,6 +190,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             hidden_states[:, :num_new], input_ids[:, cur_len - num_new :], position_ids, self.head_cache
         )[:, -1:]
         self.head_cache_verified_length += num_new
+        self.head_cache_speculative_length = 0
 
         candidate_ids = input_ids
         draft_logits = []
@@ -186,33 +198,46 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             if step > 0:  # recursion: the head reads its own output and its own last draft
                 position_ids = position_ids[:, -1:] + 1
                 head_output = self.model.mtp_forward(head_output, candidate_ids[:, -1:], position_ids, self.head_cache)
-            next_token, logits = self._select_draft(candidate_ids, head_output[:, -1])
+                self.head_cache_speculative_length = step
+            next_token, logits, confidence = self._select_draft(candidate_ids, head_output[:, -1])
+            if confidence < self.confidence_threshold:
+                break  # an unlikely draft would cost a wider verification forward than it is expected to save
             candidate_ids = torch.cat([candidate_ids, next_token[:, None]], dim=-1)
             if logits is not None:
                 draft_logits.append(logits)
 
-        self.head_cache_speculative_length = max_drafts - 1
-        self._num_drafted = max_drafts
+        self._num_drafted = candidate_ids.shape[1] - cur_len
         self._clock = self._synchronized_time()
         self.stats.draft_seconds += self._clock - start
-        return candidate_ids, torch.stack(draft_logits, dim=1) if self.do_sample else None
+        return candidate_ids, torch.stack(draft_logits, dim=1) if self.do_sample and draft_logits else None
 
     def _select_draft(
         self, candidate_ids: torch.LongTensor, head_output: torch.Tensor
-    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        """Next draft token from the head's output; when sampling, also the (full-vocabulary) logits it came from."""
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None, float]:
+        """
+        Next draft token from the head's output; when sampling, also the (full-vocabulary) logits it came from; and the
+        head's confidence, when a threshold asks for it (1.0 otherwise).
+        """
         logits = self.model.draft_logits(head_output, self.draft_vocabulary)
         if self.logits_processor is None and not self.do_sample:
             next_token = logits.argmax(dim=-1)
-            return (next_token if self.draft_vocabulary is None else self.draft_vocabulary.token_ids[next_token]), None
+            if self.draft_vocabulary is not None:
+                next_token = self.draft_vocabulary.token_ids[next_token]
+            return next_token, None, self._confidence(logits)
 
         logits = self._to_full_vocabulary(logits.float())
         if self.logits_processor is not None:
             logits = self.logits_processor(candidate_ids, logits)
         if not self.do_sample:
-            return logits.argmax(dim=-1), None
+            return logits.argmax(dim=-1), None, self._confidence(logits)
         next_token = torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
-        return next_token, logits
+        return next_token, logits, self._confidence(logits)
+
+    def _confidence(self, logits: torch.FloatTensor) -> float:
+        """The head's top probability (its greedy draft's): a function of q alone, not of the token drawn from it."""
+        if not self.confidence_threshold:
+            return 1.0
+        return logits.float().softmax(dim=-1).amax(dim=-1).min().item()
 
     def _to_full_vocabulary(self, logits: torch.FloatTensor) -> torch.FloatTensor:
         if self.draft_vocabulary is None:
@@ -222,13 +247,12 @@ class FastMTPCandidateGenerator(CandidateGenerator):
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         now = self._synchronized_time()
-        if self._num_drafted:
-            self.stats.verify_seconds += now - self._clock
-            self.stats.record_cycle(self._num_drafted, int(num_matches))
-        elif self.head_cache_verified_length == 0:
+        if self._awaiting_prefill:
+            self._awaiting_prefill = False
             self.stats.prefill_seconds += now - self._clock
         else:
             self.stats.verify_seconds += now - self._clock
+            self.stats.record_cycle(self._num_drafted, int(num_matches))
 
     def _synchronized_time(self) -> float:
         # Draft and verify times are only meaningful on an accelerator if queued kernels have finished.

@@ -10,19 +10,33 @@ import torch
 
 from .prompts import DEMO_PROMPTS, encode_chat
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights' dtype (default: auto, the checkpoint's; float32 for the embedded model). bfloat16 is faster on "
+        "GPUs and on CPUs with AVX512-BF16 or AMX, but its rounding depends on how many tokens a forward holds",
+    )
+
+
+def parse_dtype(name: str) -> torch.dtype | str:
+    return name if name == "auto" else getattr(torch, name)
+
 
 def load_model(args: argparse.Namespace):
-    """The embedded default, or `--base`/`--head` when given."""
-    from .embedded import SHIPPED_HEAD_DIR, load_default
+    """The embedded default, or `--base`/`--head` when given, in `--dtype`."""
+    from .embedded import SHIPPED_HEAD_DIR, load_base, load_default
 
+    dtype = parse_dtype(args.dtype)
     if args.base is None:
-        return load_default(head=args.head or SHIPPED_HEAD_DIR)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        return load_default(head=args.head or SHIPPED_HEAD_DIR, dtype=torch.float32 if dtype == "auto" else dtype)
     from .modeling_fastmtp import FastMTPForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto").eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    base, tokenizer, _ = load_base(args.base, dtype)
     if args.head is None:
         model = FastMTPForCausalLM.from_base(base, base_model_name_or_path=args.base)
     else:
@@ -51,6 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fastmtp=not args.no_fastmtp,
         max_new_tokens=args.max_new_tokens,
         num_draft_tokens=args.num_draft_tokens,
+        draft_confidence_threshold=args.confidence_threshold,
         streamer=streamer,
         **sampling_kwargs(args.temperature),
     )
@@ -64,7 +79,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .bench import timed_generate
 
     model, tokenizer = load_model(args)
-    settings = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": False,
+        "num_draft_tokens": args.num_draft_tokens,
+        "draft_confidence_threshold": args.confidence_threshold,
+    }
     warm_up = encode_chat(tokenizer, "Hello!")
     for fastmtp in (False, True):
         model.generate(**warm_up, max_new_tokens=8, fastmtp=fastmtp)
@@ -75,7 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         runs = {}
         # Alternate which mode goes first so that neither always gets the warmer machine.
         for fastmtp in (False, True) if index % 2 == 0 else (True, False):
-            runs[fastmtp] = timed_generate(model, inputs, fastmtp, num_draft_tokens=args.num_draft_tokens, **settings)
+            runs[fastmtp] = timed_generate(model, inputs, fastmtp, **settings)
         plain, fast = runs[False], runs[True]
         for key, run in (("plain", plain), ("fastmtp", fast)):
             totals[key][0] += len(run.new_token_ids)
@@ -136,7 +156,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-k", "--num-draft-tokens", type=int, default=None, help="drafts per cycle (default: the head's)"
     )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        metavar="P",
+        help="stop drafting where the head's top probability falls below P (faster where verifying K+1 tokens costs "
+        "much more than 1, as on CPUs; default: never)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    add_dtype_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

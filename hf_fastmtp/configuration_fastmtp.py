@@ -87,9 +87,21 @@ def check_num_draft_tokens(num_draft_tokens: int) -> int:
     return num_draft_tokens
 
 
+def check_draft_confidence_threshold(threshold: float | None) -> float | None:
+    """Checks a requested confidence threshold (a probability, or None for none) and returns it."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"`draft_confidence_threshold` must be a probability between 0 and 1, got {threshold!r}: drafting stops "
+            "where the head's top probability falls below it (None or 0 never stops early, 1 never drafts)."
+        )
+    return float(threshold)
+
+
 def base_signature(config: PretrainedConfig) -> dict:
     """The architecture facts a head depends on, for mismatch checks."""
     return {field: getattr(config, field, None) for field in BASE_SIGNATURE_FIELDS}
 
 
-__all__ = ["FastMTPConfig", "MAX_DRAFT_TOKENS", "check_num_draft_tokens"]
+__all__ = ["MAX_DRAFT_TOKENS", "FastMTPConfig", "check_draft_confidence_threshold", "check_num_draft_tokens"]

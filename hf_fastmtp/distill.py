@@ -128,6 +128,7 @@ def distill(
         "seed": seed,
         "batch_size": batch_size,
         "max_prompt_tokens": max_prompt_tokens,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     manifest = _open_folder(output_dir, identity, run)
     written = _Written.scan(output_dir, shard_size)
@@ -494,10 +495,15 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     parser.add_argument("--shard-size", type=int, default=1000, help="rows per shard file")
     parser.add_argument("--base", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    from .cli import add_dtype_argument
+
+    add_dtype_argument(parser)
     parser.set_defaults(func=cmd_distill)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
+    from .cli import parse_dtype
+
     options = {
         "num_prompts": args.num_prompts,
         "batch_size": args.batch_size,
@@ -516,7 +522,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
                 f"Prompts file {args.prompts} not found (the default, {DEFAULT_PROMPTS}, is relative to the current "
                 "directory): pass --prompts PATH."
             )
-        model, tokenizer, model_name = load_base(args.base, dtype="auto")
+        model, tokenizer, model_name = load_base(args.base, parse_dtype(args.dtype))
         result = distill(
             model,
             tokenizer,

@@ -26,7 +26,13 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.utils import CONFIG_NAME
 
 from .candidate_generator import DraftVocabulary, FastMTPCandidateGenerator, FastMTPStats
-from .configuration_fastmtp import FastMTPConfig, base_signature, check_num_draft_tokens
+from .configuration_fastmtp import (
+    FastMTPConfig,
+    base_signature,
+    check_draft_confidence_threshold,
+    check_num_draft_tokens,
+)
+from .cpu_kernels import weight_first_lm_head
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
 from .mtp_head import FastMTPHead
 
@@ -453,6 +459,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         fastmtp: bool | None = None,
         num_draft_tokens: int | None = None,
         draft_vocab: str | int | None = None,
+        draft_confidence_threshold: float | None = None,
         **kwargs,
     ):
         """
@@ -465,7 +472,11 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             num_draft_tokens (`int`, *optional*):
                 Tokens drafted per cycle (K); defaults to `config.num_draft_tokens`.
             draft_vocab (`str` or `int`, *optional*):
-                Vocabulary drafting is restricted to: `"full"` (default) for now.
+                Vocabulary the head drafts over: `"auto"` (the default when the head ships maps: the map of the
+                prompt's language), `"full"`, an int (the overall top-N map) or a language code.
+            draft_confidence_threshold (`float`, *optional*):
+                Stop drafting a cycle where the head's top probability falls below this; a cycle with no draft is a
+                plain step. Worth it where verifying K+1 tokens costs much more than 1 (CPUs); off by default.
 
         After each call `model.last_fastmtp_stats` holds a [`FastMTPStats`] (tau, per-position acceptance,
         draft/verify seconds), or `None` after plain generation.
@@ -483,12 +494,16 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         num_draft_tokens = check_num_draft_tokens(
             num_draft_tokens if num_draft_tokens is not None else self.config.num_draft_tokens
         )
+        if draft_confidence_threshold is None:
+            draft_confidence_threshold = getattr(settings, "draft_confidence_threshold", None)
+        draft_confidence_threshold = check_draft_confidence_threshold(draft_confidence_threshold)
         draft_vocabulary, language = self.resolve_draft_vocab(draft_vocab, input_ids, kwargs.get("tokenizer"))
         check_fastmtp_call(input_ids, settings, kwargs)
 
-        self._fastmtp_call.request = (num_draft_tokens, draft_vocabulary, language)
+        self._fastmtp_call.request = (num_draft_tokens, draft_vocabulary, language, draft_confidence_threshold)
         try:
-            output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
+            with weight_first_lm_head(self):
+                output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
             stats = self._fastmtp_call.generator.stats
         finally:
             self._fastmtp_call.request = None
@@ -504,9 +519,15 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             return super()._get_candidate_generator(
                 generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )
-        num_draft_tokens, draft_vocabulary, language = request
+        num_draft_tokens, draft_vocabulary, language, confidence_threshold = request
         generator = FastMTPCandidateGenerator(
-            self, num_draft_tokens, generation_config, logits_processor, draft_vocabulary, language
+            self,
+            num_draft_tokens,
+            generation_config,
+            logits_processor,
+            draft_vocabulary,
+            language,
+            confidence_threshold,
         )
         self._fastmtp_call.generator = generator
         return generator

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -21,14 +22,19 @@ from hf_fastmtp.bench import (
     run_bench,
 )
 from hf_fastmtp.candidate_generator import FastMTPStats
+from hf_fastmtp.cli import load_model
 
 torch.set_num_threads(1)  # a light load on shared cores
 
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def stats(drafted: list[int], accepted: list[int], cycles: int) -> dict:
-    return FastMTPStats(len(drafted), cycles, drafted, accepted, draft_seconds=0.1, verify_seconds=0.2).to_dict()
+def stats(drafted: list[int], accepted: list[int], cycles: int, reached: list[int] | None = None) -> dict:
+    """Counts of `cycles` cycles; unless given, every cycle drafts to the end (reached: accepted up to k-1)."""
+    reached = reached or drafted[:1] + accepted[:-1]
+    return FastMTPStats(
+        len(drafted), cycles, drafted, accepted, reached, draft_seconds=0.1, verify_seconds=0.2
+    ).to_dict()
 
 
 def record(question_id, category, mode, ids, seconds, stats=None) -> dict:
@@ -92,6 +98,18 @@ def test_aggregate_hand_computed():
     assert results["by_mode"]["ar"]["overall"]["speedup"] == pytest.approx(1.0)
 
 
+def test_acceptance_of_gated_cycles_and_of_older_records():
+    """Gated cycles draft fewer positions, so `reached` is counted, not derived; older records still aggregate."""
+    # 4 cycles: one plain step, drafts (1 of 1), (2 of 2), (1 of 2) accepted.
+    gated = stats([3, 2, 0], [2, 1, 0], cycles=4, reached=[3, 2, 0])
+    legacy = stats([2, 2], [1, 0], cycles=2)
+    del legacy["reached_per_position"]
+    summary = bench.acceptance([gated, legacy])
+    assert summary["tau"] == pytest.approx((3 + 1 + 6) / 6)
+    assert summary["drafted_per_position"] == [5, 4, 0]
+    assert summary["acceptance_conditional"] == pytest.approx([3 / 5, 1 / 3, None])
+
+
 def test_lossless_counts_and_lists_mismatches():
     check = aggregate(RECORDS)["lossless"]
     assert check["compared"] == 5  # FastMTP on questions 1-3, pld on 1-2; question 4 has nothing to compare with
@@ -140,11 +158,30 @@ def test_plots_for_k_and_vocabulary_sweeps(tmp_path):
     assert all(path.stat().st_size > 0 for path in written)
 
 
+def test_sweep_lines_keep_confidence_thresholds_apart():
+    records = [record(0, "a", "ar", [1], 1.0)]
+    for k, threshold in itertools.product((1, 2), (None, 0.5)):
+        options = {"num_draft_tokens": k, "draft_vocab": "full"}
+        if threshold is not None:
+            options["draft_confidence_threshold"] = threshold
+        entry = record(0, "a", f"fastmtp-k{k}-full-{threshold}", [1], 0.5, stats([1] * k, [1] * k, 1))
+        entry["options"] = options
+        records.append(entry)
+    lines = bench._sweep(aggregate(records), along="num_draft_tokens")
+    assert {name: [k for k, _ in points] for name, points in lines.items()} == {
+        "vocab full": [1, 2],
+        "vocab full, confidence 0.5": [1, 2],
+    }
+
+
 def test_modes_and_question_selection(tmp_path):
     labels = [mode.label for mode in build_modes(["fastmtp", "pld"], [1, 3], ["full", 8192], pld_tokens=5)]
     assert labels == ["ar", "fastmtp-k1-full", "fastmtp-k1-8192", "fastmtp-k3-full", "fastmtp-k3-8192", "pld-5"]
     with pytest.raises(BenchError, match="Unknown mode"):
         build_modes(["eagle"], [3])
+    gated = build_modes(["fastmtp"], [3], ["auto"], confidence_thresholds=[None, 0.5])
+    assert [mode.label for mode in gated] == ["ar", "fastmtp-k3-auto", "fastmtp-k3-auto-c0.5"]
+    assert gated[2].options == {"num_draft_tokens": 3, "draft_vocab": "auto", "draft_confidence_threshold": 0.5}
 
     path = write_questions(tmp_path / "q.jsonl", categories=("x", "y"), per_category=3)
     chosen = load_questions(path, per_category=2)
@@ -183,6 +220,11 @@ def test_cli_options():
     assert args.func is bench.cmd_bench
     assert args.k == [1, 2] and args.draft_vocab == ["full", 8192, "auto", "zh"]
     assert args.per_category is None and args.pld_tokens == 10 and args.max_new_tokens == 128
+    assert args.confidence_threshold == [None]
+    gated = parser.parse_args(["bench", "--output", "o", "--confidence-threshold", "0", "0.6"])
+    assert gated.confidence_threshold == [None, 0.6]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--output", "o", "--confidence-threshold", "1.5"])
     with pytest.raises(SystemExit, match="--assistant"):
         bench.cmd_bench(parser.parse_args(["bench", "--output", "o", "--modes", "ar", "assisted"]))
 
@@ -353,6 +395,21 @@ def test_refuses_to_resume_with_other_settings(tiny, tmp_path):
         run_bench(model, tokenizer, output, questions=questions, **{**RUN, "max_new_tokens": 6})
     with pytest.raises(BenchError, match="model"):
         run_bench(model, tokenizer, output, questions=questions, model_name="another", **RUN)
+
+
+def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "head")
+    model.model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    argv = ["bench", "--output", "o", "--base", str(tmp_path / "base"), "--head", str(tmp_path / "head")]
+    assert parser.parse_args(argv).dtype == "auto"
+    loaded, _ = load_model(parser.parse_args([*argv, "--dtype", "bfloat16"]))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for name, tensor in model.head.state_dict().items():
+        assert torch.equal(loaded.head.state_dict()[name], tensor.bfloat16())
 
 
 def test_a_mode_the_model_cannot_run_fails_before_any_record(tiny, tmp_path):

@@ -152,6 +152,49 @@ def test_generation_config_can_enable_fastmtp():
     model.generation_config.num_draft_tokens = 2
     greedy(model, prompt(4), max_new_tokens=6)
     assert model.last_fastmtp_stats.num_draft_tokens == 2
+    model.generation_config.draft_confidence_threshold = 1.0
+    greedy(model, prompt(4), max_new_tokens=6)
+    assert sum(model.last_fastmtp_stats.drafted_per_position) == 0
+
+
+def median_head_confidence(model, input_ids, monkeypatch, **kwargs) -> float:
+    """The median of the head's top probabilities over a generation: a threshold that gates about half the drafts."""
+    seen = []
+    original = FastMTPCandidateGenerator._confidence
+
+    def spy(self, logits):
+        seen.append(original(self, logits))
+        return seen[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FastMTPCandidateGenerator, "_confidence", spy)
+        greedy(model, input_ids, fastmtp=True, draft_confidence_threshold=1e-9, **kwargs)
+    return sorted(seen)[len(seen) // 2]
+
+
+def test_greedy_identical_with_confidence_gating(architecture, monkeypatch):
+    model = tiny_fastmtp(architecture)
+    input_ids = prompt(7)
+    kwargs = dict(max_new_tokens=40, num_draft_tokens=3)
+    threshold = median_head_confidence(model, input_ids, monkeypatch, **kwargs)
+    plain = greedy(model, input_ids, max_new_tokens=40)
+    fast = greedy(model, input_ids, fastmtp=True, draft_confidence_threshold=threshold, **kwargs)
+    assert torch.equal(plain, fast)
+    stats = model.last_fastmtp_stats
+    drafted = stats.drafted_per_position
+    assert 0 < drafted[0] < stats.cycles  # some cycles drafted, some were plain steps
+    assert drafted[2] < drafted[0]  # and drafting stopped at different depths
+    assert stats.new_tokens == 1 + stats.cycles + stats.accepted_tokens
+
+
+def test_confidence_threshold_of_one_is_plain_decoding():
+    model = tiny_fastmtp("llama")
+    input_ids = prompt(5)
+    plain = greedy(model, input_ids, max_new_tokens=12)
+    fast = greedy(model, input_ids, max_new_tokens=12, fastmtp=True, draft_confidence_threshold=1.0)
+    assert torch.equal(plain, fast)
+    stats = model.last_fastmtp_stats
+    assert sum(stats.drafted_per_position) == 0 and stats.cycles == 11 and stats.tau == 1.0
 
 
 # ----------------------------------------------------------------------------- caches
@@ -298,6 +341,40 @@ def test_sampling_distribution_is_preserved(setting):
     assert chi_square_p_value(samples, expected) > 1e-3
 
 
+def test_sampling_distribution_is_preserved_with_confidence_gating(monkeypatch):
+    """The gate reads the head's top probability, never the sampled draft's, so the output distribution is exact."""
+    model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
+    input_ids = torch.tensor([[1, 4, 2]])
+    threshold = median_head_confidence(model, input_ids, monkeypatch, max_new_tokens=4, num_draft_tokens=2)
+    expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)
+    samples, accepted_drafts = sample_first_tokens(
+        model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, draft_confidence_threshold=threshold
+    )
+    assert accepted_drafts > 2500 // 8
+    assert chi_square_p_value(samples, expected) > 1e-3
+
+
+def test_sampling_test_detects_gating_on_the_sampled_draft(monkeypatch):
+    """Negative control: gating on the probability of the token actually drawn skews q, and the test must notice."""
+    select_draft = FastMTPCandidateGenerator._select_draft
+
+    def gate_on_the_sample(self, candidate_ids, head_output):
+        token, logits, confidence = select_draft(self, candidate_ids, head_output)
+        if logits is not None:
+            confidence = logits.softmax(-1).gather(-1, token[:, None]).min().item()
+        return token, logits, confidence
+
+    model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
+    input_ids = torch.tensor([[1, 4, 2]])
+    threshold = median_head_confidence(model, input_ids, monkeypatch, max_new_tokens=4, num_draft_tokens=2)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "_select_draft", gate_on_the_sample)
+    expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)
+    samples, _ = sample_first_tokens(
+        model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, draft_confidence_threshold=threshold
+    )
+    assert chi_square_p_value(samples, expected) < 1e-3
+
+
 def test_sampling_test_detects_a_biased_sampler(monkeypatch):
     """Negative control: accepting every draft samples from the head's q, and the test above must notice."""
     import transformers.generation.utils as generation_utils
@@ -325,13 +402,27 @@ def test_stats_arithmetic():
     stats.record_cycle(2, 2)  # a last cycle cut short by max_new_tokens
     assert stats.cycles == 4
     assert stats.drafted_per_position == [4, 4, 3]
+    assert stats.reached_per_position == [4, 3, 1]
     assert stats.accepted_per_position == [3, 2, 1]
     assert stats.accepted_tokens == 6
     assert stats.tau == pytest.approx((6 + 4) / 4)
     assert stats.acceptance_cumulative == pytest.approx([3 / 4, 2 / 4, 1 / 3])
-    assert stats.acceptance_conditional == pytest.approx([3 / 4, 2 / 3, 1 / 2])
+    assert stats.acceptance_conditional == pytest.approx([3 / 4, 2 / 3, 1 / 1])
     as_dict = stats.to_dict()
     assert as_dict["tau"] == pytest.approx(2.5) and as_dict["cycles"] == 4
+
+
+def test_stats_count_gated_cycles():
+    """Cycles cut short by the confidence threshold: a plain step still costs a verification pass."""
+    stats = FastMTPStats(num_draft_tokens=3)
+    stats.record_cycle(0, 0)
+    stats.record_cycle(1, 1)
+    stats.record_cycle(2, 1)
+    assert stats.cycles == 3
+    assert stats.tau == pytest.approx((2 + 3) / 3)
+    assert stats.drafted_per_position == [2, 1, 0]
+    assert stats.reached_per_position == [2, 1, 0]
+    assert stats.acceptance_conditional == pytest.approx([1.0, 0.0, 0.0])
     assert FastMTPStats(num_draft_tokens=2).tau == 0.0
 
 

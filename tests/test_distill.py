@@ -363,6 +363,7 @@ def test_cli_defaults():
     assert (args.batch_size, args.max_new_tokens, args.shard_size, args.max_prompt_tokens) == (32, 256, 1000, 512)
     assert (args.temperature, args.top_k, args.top_p, args.seed) == (0.6, 20, 0.95, 0)
     assert args.source is None and args.lang is None and args.num_prompts is None and args.base is None
+    assert args.dtype == "auto"
 
 
 def test_cli_end_to_end(tiny, prompts_file, tmp_path, capsys):
@@ -372,7 +373,7 @@ def test_cli_end_to_end(tiny, prompts_file, tmp_path, capsys):
     base, output = str(tmp_path / "base"), str(tmp_path / "out")
     argv = ["distill", "--base", base, "--prompts", str(prompts_file), "--output", output, "--num-prompts", "3"]
     argv += ["--source", "alpaca_en", "--source", "alpaca_zh", "--lang", "en", "--batch-size", "2"]
-    argv += ["--max-new-tokens", "4"]
+    argv += ["--max-new-tokens", "4", "--dtype", "bfloat16"]
     args = cli_parser().parse_args(argv)
     args.func(args)
     assert "3 new rows" in capsys.readouterr().out
@@ -380,6 +381,7 @@ def test_cli_end_to_end(tiny, prompts_file, tmp_path, capsys):
     manifest = read_manifest(tmp_path / "out")
     assert manifest["model"] == str(tmp_path / "base")
     assert manifest["runs"][0]["sources"] == ["alpaca_en", "alpaca_zh"]
+    assert manifest["runs"][0]["dtype"] == "bfloat16"
     assert manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tokenizer)
 
 

@@ -414,7 +414,8 @@ print(json.dumps({
 def test_head_folder_loads_and_generates_without_hf_fastmtp(tmp_path):
     model, head = saved_head(tmp_path)
     files = {path.name for path in head.iterdir()}
-    assert {"modeling_fastmtp.py", "configuration_fastmtp.py", "mtp_head.py", "candidate_generator.py"} <= files
+    remote_code = {"modeling_fastmtp.py", "configuration_fastmtp.py", "mtp_head.py", "candidate_generator.py"}
+    assert remote_code | {"draft_vocab.py", "cpu_kernels.py"} <= files
     assert "checkpoints.py" not in files
     config = json.loads((head / "config.json").read_text())
     assert config["auto_map"] == {

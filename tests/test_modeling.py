@@ -161,6 +161,13 @@ def test_bad_num_draft_tokens(num_draft_tokens):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, num_draft_tokens=num_draft_tokens)
 
 
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, "0.5", True])
+def test_bad_draft_confidence_threshold(threshold):
+    model = tiny_fastmtp("llama")
+    with pytest.raises(ValueError, match="draft_confidence_threshold.*between 0 and 1"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, draft_confidence_threshold=threshold)
+
+
 def test_batch_is_refused_with_a_way_out():
     model = tiny_fastmtp("llama")
     with pytest.raises(ValueError, match="one sequence at a time.*fastmtp=False"):

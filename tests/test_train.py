@@ -186,7 +186,7 @@ def test_training_recursion_equals_drafting(architecture):
 
     def true_token_as_draft(candidate_ids, head_output):
         drafted.append((candidate_ids.shape[1], head_output))
-        return ids[:, candidate_ids.shape[1]], None
+        return ids[:, candidate_ids.shape[1]], None, 1.0
 
     generator._select_draft = true_token_as_draft
     cur_len, accepted, compared = 10, 0, 0
