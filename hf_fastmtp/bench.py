@@ -575,6 +575,7 @@ def acceptance(stats: Sequence[dict]) -> dict:
     cycles = sum(entry["cycles"] for entry in stats)
     drafted = _summed_per_position(entry["drafted_per_position"] for entry in stats)
     reached = _summed_per_position(_reached_per_position(entry) for entry in stats)
+    head_steps = sum(entry.get("head_steps", sum(entry["drafted_per_position"])) for entry in stats)
     accepted = _summed_per_position(entry["accepted_per_position"] for entry in stats)
     vocab_sizes = [entry["draft_vocab_size"] for entry in stats if entry.get("draft_vocab_size") is not None]
     return {
@@ -585,9 +586,10 @@ def acceptance(stats: Sequence[dict]) -> dict:
         "acceptance_cumulative": [a / d if d else None for a, d in zip(accepted, drafted)],
         "acceptance_conditional": [a / r if r else None for a, r in zip(accepted, reached)],
         "draft_seconds": sum(entry["draft_seconds"] for entry in stats),
-        # One head step per drafted token: the cost that vocabulary compression cuts.
+        # The cost of one head step, the part that vocabulary compression cuts; gated cycles also count the step
+        # whose draft they dropped.
         "draft_ms_per_step": (
-            1000 * sum(entry["draft_seconds"] for entry in stats) / sum(drafted) if any(drafted) else None
+            1000 * sum(entry["draft_seconds"] for entry in stats) / head_steps if head_steps else None
         ),
         "verify_seconds": sum(entry["verify_seconds"] for entry in stats),
         "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,

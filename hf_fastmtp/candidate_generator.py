@@ -41,6 +41,7 @@ class FastMTPStats:
     accepted_per_position: list[int] = field(default_factory=list)
     reached_per_position: list[int] = field(default_factory=list)
     new_tokens: int = 0
+    head_steps: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -86,6 +87,7 @@ class FastMTPStats:
             "num_draft_tokens": self.num_draft_tokens,
             "cycles": self.cycles,
             "new_tokens": self.new_tokens,
+            "head_steps": self.head_steps,
             "tau": self.tau,
             "drafted_per_position": list(self.drafted_per_position),
             "accepted_per_position": list(self.accepted_per_position),
@@ -200,6 +202,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
                 head_output = self.model.mtp_forward(head_output, candidate_ids[:, -1:], position_ids, self.head_cache)
                 self.head_cache_speculative_length = step
             next_token, logits, confidence = self._select_draft(candidate_ids, head_output[:, -1])
+            self.stats.head_steps += 1
             if confidence < self.confidence_threshold:
                 break  # an unlikely draft would cost a wider verification forward than it is expected to save
             candidate_ids = torch.cat([candidate_ids, next_token[:, None]], dim=-1)

@@ -33,7 +33,14 @@ def stats(drafted: list[int], accepted: list[int], cycles: int, reached: list[in
     """Counts of `cycles` cycles; unless given, every cycle drafts to the end (reached: accepted up to k-1)."""
     reached = reached or drafted[:1] + accepted[:-1]
     return FastMTPStats(
-        len(drafted), cycles, drafted, accepted, reached, draft_seconds=0.1, verify_seconds=0.2
+        len(drafted),
+        cycles,
+        drafted,
+        accepted,
+        reached,
+        head_steps=sum(drafted),
+        draft_seconds=0.1,
+        verify_seconds=0.2,
     ).to_dict()
 
 
@@ -102,12 +109,14 @@ def test_acceptance_of_gated_cycles_and_of_older_records():
     """Gated cycles draft fewer positions, so `reached` is counted, not derived; older records still aggregate."""
     # 4 cycles: one plain step, drafts (1 of 1), (2 of 2), (1 of 2) accepted.
     gated = stats([3, 2, 0], [2, 1, 0], cycles=4, reached=[3, 2, 0])
+    gated["head_steps"] = 5 + 3  # three cycles computed a draft they dropped
     legacy = stats([2, 2], [1, 0], cycles=2)
-    del legacy["reached_per_position"]
+    del legacy["reached_per_position"], legacy["head_steps"]
     summary = bench.acceptance([gated, legacy])
     assert summary["tau"] == pytest.approx((3 + 1 + 6) / 6)
     assert summary["drafted_per_position"] == [5, 4, 0]
     assert summary["acceptance_conditional"] == pytest.approx([3 / 5, 1 / 3, None])
+    assert summary["draft_ms_per_step"] == pytest.approx(1000 * 0.2 / (8 + 4))
 
 
 def test_lossless_counts_and_lists_mismatches():

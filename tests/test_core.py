@@ -185,6 +185,7 @@ def test_greedy_identical_with_confidence_gating(architecture, monkeypatch):
     assert 0 < drafted[0] < stats.cycles  # some cycles drafted, some were plain steps
     assert drafted[2] < drafted[0]  # and drafting stopped at different depths
     assert stats.new_tokens == 1 + stats.cycles + stats.accepted_tokens
+    assert sum(drafted) < stats.head_steps <= sum(drafted) + stats.cycles  # a dropped draft still cost a head step
 
 
 def test_confidence_threshold_of_one_is_plain_decoding():
@@ -250,7 +251,7 @@ def test_head_never_recomputes_the_prefix(monkeypatch):
     stats = model.last_fastmtp_stats
     assert calls[0] == 20  # the prefill's pairs, once
     assert max(calls[1:]) <= 3 + 1  # afterwards only newly verified positions, or one recursive step
-    assert len(calls) == sum(stats.drafted_per_position)  # one extend + K-1 recursive steps per cycle
+    assert len(calls) == sum(stats.drafted_per_position) == stats.head_steps  # one extend + K-1 recursive steps
 
 
 def test_verification_keeps_only_the_last_hidden_state(monkeypatch):
