@@ -33,6 +33,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from hf_fastmtp import FastMTPForCausalLM, load_default  # noqa: E402
 from hf_fastmtp.bench import Run, timed_generate  # noqa: E402
+from hf_fastmtp.cli import default_confidence_threshold  # noqa: E402
 from hf_fastmtp.prompts import DEMO_PROMPTS, encode_chat  # noqa: E402
 
 MAX_PROMPT_CHARS = 2000
@@ -244,6 +245,7 @@ def compare(
     k: int,
     draft_vocab: str,
     temperature: float,
+    confidence_threshold: float = 0.0,
     *,
     model: FastMTPForCausalLM | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -255,7 +257,7 @@ def compare(
     if model is None or tokenizer is None:
         model, tokenizer = load_model()
     max_new_tokens, k = int(max_new_tokens), int(k)
-    check_request(model, prompt, max_new_tokens, k, draft_vocab, temperature)
+    check_request(model, prompt, max_new_tokens, k, draft_vocab, temperature, confidence_threshold)
     inputs = {name: tensor.to(model.device) for name, tensor in encode_chat(tokenizer, prompt).items()}
     greedy = temperature == 0
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
@@ -264,9 +266,9 @@ def compare(
     try:
         for plain in stream_generate(model, tokenizer, inputs, fastmtp=False, **options):
             yield render(plain, None, greedy, "Running plain autoregressive decoding…")
-        for fastmtp in stream_generate(
-            model, tokenizer, inputs, fastmtp=True, num_draft_tokens=k, draft_vocab=draft_vocab, **options
-        ):
+        fastmtp_options = {"num_draft_tokens": k, "draft_vocab": draft_vocab}
+        fastmtp_options["draft_confidence_threshold"] = float(confidence_threshold) or None
+        for fastmtp in stream_generate(model, tokenizer, inputs, fastmtp=True, **fastmtp_options, **options):
             yield render(plain, fastmtp, greedy, f"Running FastMTP (K={k})…")
     except Exception as error:
         raise gr.Error(f"Generation failed: {error}") from error
@@ -274,7 +276,13 @@ def compare(
 
 
 def check_request(
-    model: FastMTPForCausalLM, prompt: str, max_new_tokens: int, k: int, draft_vocab: str, temperature: float
+    model: FastMTPForCausalLM,
+    prompt: str,
+    max_new_tokens: int,
+    k: int,
+    draft_vocab: str,
+    temperature: float,
+    confidence_threshold: float = 0.0,
 ) -> None:
     """Raises `gr.Error` with a message for the user when an input is out of range."""
     if not prompt or not prompt.strip():
@@ -292,6 +300,8 @@ def check_request(
         raise gr.Error(f"Unknown draft vocabulary {draft_vocab!r}; this model offers {', '.join(allowed)}.")
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise gr.Error(f"Temperature must be between 0 and {MAX_TEMPERATURE}, got {temperature}.")
+    if not 0 <= confidence_threshold <= 1:
+        raise gr.Error(f"The confidence gate is a probability between 0 and 1, got {confidence_threshold}.")
 
 
 def draft_vocab_choices(model: FastMTPForCausalLM) -> list[tuple[str, str]]:
@@ -438,8 +448,19 @@ def build_demo(model: FastMTPForCausalLM, tokenizer: PreTrainedTokenizerBase) ->
     """The page for one model, with a queue that runs one comparison at a time."""
     choices = draft_vocab_choices(model)
 
-    def run_compare(prompt: str, max_new_tokens: int, k: int, draft_vocab: str, temperature: float):
-        yield from compare(prompt, max_new_tokens, k, draft_vocab, temperature, model=model, tokenizer=tokenizer)
+    def run_compare(
+        prompt: str, max_new_tokens: int, k: int, draft_vocab: str, temperature: float, confidence_threshold: float
+    ):
+        yield from compare(
+            prompt,
+            max_new_tokens,
+            k,
+            draft_vocab,
+            temperature,
+            confidence_threshold,
+            model=model,
+            tokenizer=tokenizer,
+        )
 
     with gr.Blocks(title="FastMTP vs plain decoding", analytics_enabled=False) as demo:
         gr.Markdown(header_markdown(model), elem_id="header")
@@ -475,6 +496,15 @@ def build_demo(model: FastMTPForCausalLM, tokenizer: PreTrainedTokenizerBase) ->
                 temperature = gr.Slider(
                     0, MAX_TEMPERATURE, value=0, step=0.05, label="Temperature", info="0 = greedy: outputs must match"
                 )
+                confidence_threshold = gr.Slider(
+                    0,
+                    1,
+                    value=default_confidence_threshold(model.device) or 0,
+                    step=0.05,
+                    label="Confidence gate",
+                    info="FastMTP stops drafting where the head's top probability is lower (0 = never): worth it "
+                    "where verifying several tokens costs much more than one, as on CPUs. The output is unchanged.",
+                )
         status = gr.Markdown(label="status", elem_id="status")
         with gr.Row(equal_height=False):
             plain, plain_meta = output_panel("Plain autoregressive", "plain")
@@ -502,7 +532,7 @@ def build_demo(model: FastMTPForCausalLM, tokenizer: PreTrainedTokenizerBase) ->
         outputs = [plain, plain_meta, fastmtp, fastmtp_meta, summary, acceptance, details, status]
         run.click(
             run_compare,
-            inputs=[prompt, max_new_tokens, k, draft_vocab, temperature],
+            inputs=[prompt, max_new_tokens, k, draft_vocab, temperature, confidence_threshold],
             outputs=outputs,
             api_name="compare",
         )

@@ -421,6 +421,20 @@ def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
         assert torch.equal(loaded.head.state_dict()[name], tensor.bfloat16())
 
 
+def test_commands_gate_drafting_on_a_cpu_unless_told_otherwise(tiny):
+    from hf_fastmtp.cli import CPU_CONFIDENCE_THRESHOLD, resolve_confidence_threshold
+
+    model, _ = tiny
+
+    def resolved(value):
+        return resolve_confidence_threshold(argparse.Namespace(confidence_threshold=value), model)
+
+    assert resolved(None) == CPU_CONFIDENCE_THRESHOLD
+    assert resolved(0.0) is None and resolved(0.4) == 0.4
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        resolved(1.2)
+
+
 def test_a_mode_the_model_cannot_run_fails_before_any_record(tiny, tmp_path):
     model, tokenizer = tiny
     output, questions = tmp_path / "out", write_questions(tmp_path / "q.jsonl", per_category=1)

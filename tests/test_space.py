@@ -168,6 +168,15 @@ def test_compare_sampling_reports_no_identity(tiny):
     assert final.details["fastmtp"]["new_tokens"] == 12 and "sampled" in final.summary
 
 
+def test_confidence_gate_keeps_the_output(tiny):
+    model, tokenizer = tiny
+    final = list(app.compare("why is the sky blue", 16, 3, "full", 0.0, 1.0, model=model, tokenizer=tokenizer))[-1]
+    assert final.details["identical"] is True
+    assert sum(final.details["fastmtp"]["stats"]["drafted_per_position"]) == 0  # a gate of 1 never drafts
+    with pytest.raises(gr.Error, match="confidence gate"):
+        next(app.compare("hi", 16, 3, "full", 0.0, 1.5, model=model, tokenizer=tokenizer))
+
+
 @pytest.mark.parametrize(
     "prompt, max_new_tokens, k, draft_vocab, temperature, message",
     [
