@@ -569,7 +569,9 @@ def header_markdown(model: FastMTPForCausalLM) -> str:
     return (
         "# ⚡ FastMTP: the same answer, in fewer passes\n"
         "A one-layer multi-token-prediction head drafts K tokens ahead; the model checks them all in one forward pass "
-        "and keeps the ones it agrees with. Greedy output is identical to plain decoding, only faster.\n\n"
+        "and keeps the ones it agrees with. Greedy output is identical to plain decoding; how much faster it comes "
+        "depends on the head and on how cheap a several-token forward is on the hardware (nearly free on a GPU, "
+        "not on a CPU), and the summary below measures it.\n\n"
         f"Model: **{base}** + FastMTP head · {device_name(model)} · {str(model.dtype).removeprefix('torch.')}"
     )
 
