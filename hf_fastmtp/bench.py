@@ -39,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
-from .cli import format_table
+from .cli import format_table, parse_probability
 from .cpu_kernels import weight_first_lm_head
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
@@ -147,11 +147,8 @@ def parse_draft_vocab(value: str) -> str | int:
 
 
 def parse_confidence_threshold(value: str) -> float | None:
-    """A `--confidence-threshold` value: a probability; 0 runs without the gate."""
-    threshold = float(value)
-    if not 0.0 <= threshold <= 1.0:
-        raise argparse.ArgumentTypeError("a confidence threshold is a probability between 0 and 1")
-    return threshold or None
+    """A `--confidence-threshold` value: a probability; 0 (None) runs without the gate."""
+    return parse_probability(value) or None
 
 
 def build_modes(
@@ -295,8 +292,9 @@ def run_bench(
     Runs every (prompt, mode) pair that `output_dir` does not hold yet, then writes the results and returns them.
 
     `questions`, `per_category`, `categories` and `exclude_ids` select the prompts (`load_questions`).
-    `num_draft_tokens` defaults to the head's K; `confidence_thresholds` adds gated FastMTP modes (None: ungated). `assistant_model` is needed for the `assisted` method; give
-    `assistant_tokenizer` too when it does not share the model's tokenizer. `model_name` (default: the base model's
+    `num_draft_tokens` defaults to the head's K; `confidence_thresholds` adds gated FastMTP modes (None: ungated).
+    `assistant_model` is needed for the `assisted` method; give `assistant_tokenizer` too when it does not share the
+    model's tokenizer. `model_name` (default: the base model's
     `name_or_path`) identifies the base in settings.json, next to a hash of the head's weights.
     """
     check_options(
@@ -577,6 +575,7 @@ def acceptance(stats: Sequence[dict]) -> dict:
     reached = _summed_per_position(_reached_per_position(entry) for entry in stats)
     head_steps = sum(entry.get("head_steps", sum(entry["drafted_per_position"])) for entry in stats)
     accepted = _summed_per_position(entry["accepted_per_position"] for entry in stats)
+    draft_seconds = sum(entry["draft_seconds"] for entry in stats)
     vocab_sizes = [entry["draft_vocab_size"] for entry in stats if entry.get("draft_vocab_size") is not None]
     return {
         "cycles": cycles,
@@ -585,12 +584,10 @@ def acceptance(stats: Sequence[dict]) -> dict:
         "accepted_per_position": accepted,
         "acceptance_cumulative": [a / d if d else None for a, d in zip(accepted, drafted)],
         "acceptance_conditional": [a / r if r else None for a, r in zip(accepted, reached)],
-        "draft_seconds": sum(entry["draft_seconds"] for entry in stats),
+        "draft_seconds": draft_seconds,
         # The cost of one head step, the part that vocabulary compression cuts; gated cycles also count the step
         # whose draft they dropped.
-        "draft_ms_per_step": (
-            1000 * sum(entry["draft_seconds"] for entry in stats) / head_steps if head_steps else None
-        ),
+        "draft_ms_per_step": 1000 * draft_seconds / head_steps if head_steps else None,
         "verify_seconds": sum(entry["verify_seconds"] for entry in stats),
         "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,
         "languages": dict(Counter(entry.get("language") or "unknown" for entry in stats)),

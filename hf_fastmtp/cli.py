@@ -56,11 +56,20 @@ def resolve_confidence_threshold(args: argparse.Namespace, model) -> float | Non
     """`--confidence-threshold`, else the default for the model's device; 0 turns the gate off."""
     if args.confidence_threshold is None:
         return default_confidence_threshold(model.device)
-    if not 0 <= args.confidence_threshold <= 1:
-        raise SystemExit(
-            f"--confidence-threshold must be a probability between 0 and 1, got {args.confidence_threshold}."
-        )
-    return args.confidence_threshold or None
+    try:
+        return parse_probability(args.confidence_threshold) or None
+    except argparse.ArgumentTypeError as error:
+        raise SystemExit(f"--confidence-threshold: {error}") from None
+
+
+def parse_probability(value: str | float) -> float:
+    """A `--confidence-threshold` value, checked as `generate` checks it."""
+    from .configuration_fastmtp import check_draft_confidence_threshold
+
+    try:
+        return check_draft_confidence_threshold(float(value))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def sampling_kwargs(temperature: float) -> dict:
@@ -180,7 +189,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--confidence-threshold",
-        type=float,
+        type=parse_probability,
         metavar="P",
         help="stop drafting where the head's top probability falls below P, which pays where verifying K+1 tokens "
         f"costs much more than 1; 0 never stops (default: {CPU_CONFIDENCE_THRESHOLD} on a CPU, 0 on accelerators)",

@@ -500,7 +500,12 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         draft_vocabulary, language = self.resolve_draft_vocab(draft_vocab, input_ids, kwargs.get("tokenizer"))
         check_fastmtp_call(input_ids, settings, kwargs)
 
-        self._fastmtp_call.request = (num_draft_tokens, draft_vocabulary, language, draft_confidence_threshold)
+        self._fastmtp_call.request = {
+            "num_draft_tokens": num_draft_tokens,
+            "draft_vocabulary": draft_vocabulary,
+            "language": language,
+            "confidence_threshold": draft_confidence_threshold,
+        }
         try:
             with weight_first_lm_head(self):
                 output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
@@ -519,15 +524,8 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             return super()._get_candidate_generator(
                 generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )
-        num_draft_tokens, draft_vocabulary, language, confidence_threshold = request
         generator = FastMTPCandidateGenerator(
-            self,
-            num_draft_tokens,
-            generation_config,
-            logits_processor,
-            draft_vocabulary,
-            language,
-            confidence_threshold,
+            self, generation_config=generation_config, logits_processor=logits_processor, **request
         )
         self._fastmtp_call.generator = generator
         return generator
