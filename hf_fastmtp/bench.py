@@ -40,7 +40,7 @@ from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table, parse_probability
-from .cpu_kernels import weight_first_lm_head
+from .cpu_kernels import few_row_linears
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .prompts import encode_chat
@@ -101,14 +101,14 @@ def forward_cost(
     """
     Median milliseconds of one base-model forward over n = 1..`max_new_tokens` new tokens after a `context`-token
     cache: what verifying K drafts (n = K + 1) costs against a plain decoding step (n = 1) on this hardware, with the
-    lm_head kernel that FastMTP verifies with.
+    linear-layer kernels that FastMTP verifies with.
     """
     base = model.model
     context = min(context, getattr(base.config, "max_position_embeddings", context) - max_new_tokens)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(model.vocab_size, (1, context + max_new_tokens), generator=generator).to(model.device)
     cache = DynamicCache(config=base.config)
-    with torch.inference_mode(), weight_first_lm_head(model):
+    with torch.inference_mode(), few_row_linears(model):
         base(input_ids=input_ids[:, :context], past_key_values=cache, use_cache=True)
         timings = {n: [] for n in range(1, max_new_tokens + 1)}
         for repeat in range(repeats + 1):  # the first round warms up

@@ -32,7 +32,7 @@ from .configuration_fastmtp import (
     check_draft_confidence_threshold,
     check_num_draft_tokens,
 )
-from .cpu_kernels import weight_first_lm_head
+from .cpu_kernels import few_row_linears
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
 from .mtp_head import FastMTPHead
 
@@ -507,7 +507,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             "confidence_threshold": draft_confidence_threshold,
         }
         try:
-            with weight_first_lm_head(self):
+            with few_row_linears(self):
                 output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
             stats = self._fastmtp_call.generator.stats
         finally:

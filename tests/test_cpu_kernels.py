@@ -1,4 +1,4 @@
-"""The weight-first lm_head product that FastMTP verifies with on CPUs."""
+"""The weight-first few-row products that FastMTP verifies with on CPUs."""
 
 from __future__ import annotations
 
@@ -8,57 +8,67 @@ from conftest import tiny_fastmtp
 from torch import nn
 
 from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
-from hf_fastmtp.cpu_kernels import weight_first_lm_head
+from hf_fastmtp.cpu_kernels import few_row_linears
+
+
+def _patched(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if "forward" in vars(module)]
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_same_logits_as_the_standard_kernel_for_every_row_count(bias):
+def test_same_output_as_the_standard_kernel_for_every_row_count(bias):
     torch.manual_seed(0)
-    lm_head = nn.Linear(64, 300, bias=bias)
-    model = nn.Module()
-    model.get_output_embeddings = lambda: lm_head
-    for rows in (1, 2, 5, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1, 40):
-        hidden = torch.randn(1, rows, 64)
-        with weight_first_lm_head(model) as applied:
-            assert applied
-            logits = lm_head(hidden)
-        torch.testing.assert_close(logits, nn.functional.linear(hidden, lm_head.weight, lm_head.bias))
+    linear = nn.Linear(64, 300, bias=bias)
+    for shape in [(1, 1), (1, 2), (1, 3), (2, 2), (1, 4), (4, 1), (1, 5), (1, 40), (3,)]:
+        hidden = torch.randn(*shape, 64)
+        with few_row_linears(linear) as applied:
+            assert applied == 1
+            output = linear(hidden)
+        assert output.shape == (*shape, 300) and output.is_contiguous()
+        torch.testing.assert_close(output, nn.functional.linear(hidden, linear.weight, linear.bias))
 
 
-def test_few_rows_take_the_weight_first_product_and_the_module_is_restored(monkeypatch):
-    model = tiny_fastmtp("llama")
-    lm_head = model.get_output_embeddings()
+def test_two_to_four_rows_take_the_padded_weight_first_product(monkeypatch):
+    linear = nn.Linear(16, 8, bias=False)
     products = []
-    monkeypatch.setattr(cpu_kernels.torch, "mm", lambda a, b: products.append(a.shape) or a @ b)
-    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with weight_first_lm_head(model):
-        lm_head(torch.randn(1, 4, lm_head.in_features))
-        lm_head(torch.randn(1, 1, lm_head.in_features))  # one row: already the fast kernel
-        with weight_first_lm_head(model) as nested:
-            assert not nested  # an enclosing call keeps the module, and restores it
-        assert "forward" in vars(lm_head)
-    assert products == [lm_head.weight.shape]
-    assert "forward" not in vars(lm_head)
-    assert model.state_dict().keys() == state.keys()
+    monkeypatch.setattr(cpu_kernels.torch, "mm", lambda a, b: products.append((a.shape, b.shape)) or a @ b)
+    with few_row_linears(linear):
+        for rows in (1, 2, 3, 4, 5):
+            linear(torch.randn(1, rows, 16))
+    assert products == [((8, 16), (16, cpu_kernels.PADDED_ROWS))] * 3
 
 
-def test_generate_restores_the_lm_head_even_on_error(monkeypatch):
+def test_every_linear_layer_is_patched_and_restored():
     model = tiny_fastmtp("llama")
-    lm_head = model.get_output_embeddings()
+    linears = {name for name, module in model.named_modules() if type(module) is nn.Linear}
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with few_row_linears(model) as applied:
+        assert applied == len(linears) and set(_patched(model)) == linears
+        assert any(name.startswith("mtp_layers") for name in linears)  # the head's too
+        with few_row_linears(model) as nested:
+            assert not nested  # an enclosing call keeps the modules, and restores them
+        assert set(_patched(model)) == linears
+    assert not _patched(model)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())
+
+
+def test_generate_restores_the_linear_layers_even_on_error(monkeypatch):
+    model = tiny_fastmtp("llama")
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert "forward" not in vars(lm_head)
+    assert not _patched(model)
 
     def interrupted(*args, **kwargs):
-        assert "forward" in vars(lm_head)  # verification is under way with the weight-first product
+        assert "forward" in vars(model.get_output_embeddings())  # verification is under way with the few-row kernel
         raise KeyboardInterrupt
 
     monkeypatch.setattr(FastMTPCandidateGenerator, "update_candidate_strategy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert "forward" not in vars(lm_head)
+    assert not _patched(model)
 
 
-def test_only_float32_linear_lm_heads_on_a_cpu():
+def test_only_float32_linear_layers_on_a_cpu():
     model = tiny_fastmtp("llama").to(torch.bfloat16)
-    with weight_first_lm_head(model) as applied:
-        assert not applied and "forward" not in vars(model.get_output_embeddings())
+    with few_row_linears(model) as applied:
+        assert not applied and not _patched(model)
