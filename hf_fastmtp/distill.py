@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from .embedded import load_base
 from .jsonl import append_rows, iter_json_lines, iter_rows, read_rows, write_json
@@ -98,7 +98,7 @@ def distill(
 
     Prompts already answered there are skipped, so the same call resumes an interrupted run. Batch `i` of the
     selection is always sampled with the same seed, which makes a resumed run give the same rows as an uninterrupted
-    one (it seeds torch's global RNG to do so). `temperature=0` is greedy decoding. `model_name` (default: the model's
+    one. `temperature=0` is greedy decoding. `model_name` (default: the model's
     `name_or_path`) goes into the manifest.
     """
     check_options(
@@ -112,7 +112,7 @@ def distill(
         shard_size=shard_size,
     )
     selection = select_prompts(load_prompts(prompts_file), sources, langs, num_prompts, seed)
-    generate_kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
+    generate_kwargs = _generate_kwargs(model, tokenizer, max_new_tokens)
     output_dir = Path(output_dir)
     identity = {
         "format_version": FORMAT_VERSION,
@@ -144,7 +144,8 @@ def distill(
     start = time.perf_counter()
     with tqdm(total=sum(len(batch) for _, batch in todo), unit="prompt", desc="distill", disable=not progress) as bar:
         for index, batch in todo:
-            answers = _answer(model, batch, _batch_seed(seed, index), generate_kwargs)
+            sampling = _sampling_kwargs(temperature, top_k, top_p, _batch_seed(seed, index), model.device)
+            answers = _answer(model, batch, {**generate_kwargs, **sampling})
             rows = [
                 {
                     **prompt,
@@ -412,14 +413,7 @@ def _encode_pending(
     return todo, skipped
 
 
-def _generate_kwargs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-) -> dict:
+def _generate_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> dict:
     """`generate` arguments, with every EOS id of the model and tokenizer, so that answers are cut where they end."""
     configured = model.generation_config.eos_token_id
     eos_ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
@@ -428,10 +422,44 @@ def _generate_kwargs(
     if not eos_ids:
         raise DistillError("Neither the model's generation config nor the tokenizer defines an EOS token.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": sorted(eos_ids), "pad_token_id": pad_id}
+    return {"max_new_tokens": max_new_tokens, "eos_token_id": sorted(eos_ids), "pad_token_id": pad_id}
+
+
+class TopKNucleusSampler(LogitsProcessor):
+    """
+    Draws each next token as `do_sample=True` with `temperature`, `top_k` and `top_p` would, and leaves only that
+    token, for greedy decoding to pick.
+
+    Transformers' top-p sorts the whole vocabulary and then samples from a full-vocabulary softmax, even when top-k has
+    left 20 candidates; on a CPU that is a third of a decoding step of a batch (SmolLM2: 49,152 tokens). Here both run
+    over the top-k candidates only. The distribution is the same, except that a tie at the k-th score keeps exactly k
+    tokens where Transformers keeps every tied one.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator):
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        top_scores, top_ids = scores.float().topk(min(self.top_k, scores.shape[-1]), dim=-1)  # sorted, descending
+        probs = (top_scores / self.temperature).softmax(dim=-1)
+        # Transformers' top-p drops a token once the tokens more likely than it hold top_p of the mass.
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= self.top_p, 0.0)
+        next_tokens = top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, next_tokens, 0.0)
+
+
+def _sampling_kwargs(temperature: float, top_k: int, top_p: float, seed: int, device: torch.device) -> dict:
+    """The `generate` arguments that decode one batch: greedy, the fast top-k sampler, or Transformers' own warpers."""
     if temperature == 0:
-        return {**kwargs, "do_sample": False}
-    return {**kwargs, "do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        return {"do_sample": False}
+    if top_k == 0:  # a nucleus over the whole vocabulary needs the whole vocabulary sorted anyway
+        torch.manual_seed(seed)
+        return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
+    sampler = TopKNucleusSampler(temperature, top_k, top_p, torch.Generator(device).manual_seed(seed))
+    return {"do_sample": False, "logits_processor": LogitsProcessorList([sampler])}
 
 
 def _batch_seed(seed: int, batch_index: int) -> int:
@@ -439,9 +467,7 @@ def _batch_seed(seed: int, batch_index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{batch_index}".encode()).digest()[:8], "little")
 
 
-def _answer(
-    model: PreTrainedModel, batch: list[dict], seed: int, generate_kwargs: dict
-) -> list[tuple[list[int], bool]]:
+def _answer(model: PreTrainedModel, batch: list[dict], generate_kwargs: dict) -> list[tuple[list[int], bool]]:
     """`(response ids up to and including the first EOS, whether there was one)` for each prompt of the batch."""
     # Left-padded by hand from the ids already encoded: the model sees exactly the `prompt_ids` that are stored.
     width = max(len(prompt["prompt_ids"]) for prompt in batch)
@@ -450,7 +476,6 @@ def _answer(
     for row, prompt in enumerate(batch):
         input_ids[row, width - len(prompt["prompt_ids"]) :] = torch.tensor(prompt["prompt_ids"])
         attention_mask[row, width - len(prompt["prompt_ids"]) :] = 1
-    torch.manual_seed(seed)
     with torch.inference_mode():
         output = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), **generate_kwargs

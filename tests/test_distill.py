@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_tokenizer
+from test_core import chi_square_p_value
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_fastmtp.distill import (
     DistillError,
+    TopKNucleusSampler,
     distill,
     iter_distilled,
     load_prompts,
@@ -400,3 +402,38 @@ def test_cli_errors_before_loading_a_model(tmp_path, prompts_file, argv, message
     args.base = str(tmp_path / "no-model-here")  # would fail loudly if the model were loaded first
     with pytest.raises(SystemExit, match=message):
         args.func(args)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.6, 20, 0.95), (1.0, 5, 1.0), (0.8, 50, 0.5), (2.0, 3, 0.7)]
+)
+def test_top_k_sampler_draws_from_transformers_sampling_distribution(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(top_k)) * 2
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)]
+    )
+    expected = warpers(None, logits[None].clone())[0].softmax(-1).double()
+    assert (expected > 0).sum() >= 2  # a real choice is left to sample
+
+    num_samples = 20_000
+    sampler = TopKNucleusSampler(temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    scores = sampler(None, logits.expand(num_samples, -1).clone())
+    samples = scores.argmax(-1)
+    assert torch.isneginf(scores).sum(-1).eq(logits.numel() - 1).all()  # one token left per row, for greedy to take
+    assert set(samples.tolist()) <= set(expected.nonzero().flatten().tolist())
+    assert chi_square_p_value(samples, expected) > 1e-3
+
+
+def test_sampler_is_seeded_by_its_generator():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
+    draws = [
+        TopKNucleusSampler(0.6, 20, 0.95, torch.Generator().manual_seed(7))(None, logits).argmax(-1) for _ in "ab"
+    ]
+    assert torch.equal(*draws)
