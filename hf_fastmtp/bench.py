@@ -83,11 +83,16 @@ class Run:
 def timed_generate(
     model: FastMTPForCausalLM, inputs: dict[str, torch.Tensor], fastmtp: bool, **generate_kwargs
 ) -> Run:
-    """One generate() call, timed end to end (prefill included), with the FastMTP stats it left."""
+    """
+    One generate() call, timed end to end (prefill included), with the FastMTP stats it left. Every method runs with
+    the few-row linear kernels FastMTP verifies with on CPUs, so that prompt lookup and assisted decoding are
+    compared on the same footing (plain decoding's one-row steps are unaffected).
+    """
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     start = time.perf_counter()
-    output = model.generate(**inputs, fastmtp=fastmtp, **generate_kwargs)
+    with few_row_linears(model):
+        output = model.generate(**inputs, fastmtp=fastmtp, **generate_kwargs)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start

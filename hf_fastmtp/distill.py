@@ -98,8 +98,8 @@ def distill(
 
     Prompts already answered there are skipped, so the same call resumes an interrupted run. Batch `i` of the
     selection is always sampled with the same seed, which makes a resumed run give the same rows as an uninterrupted
-    one. `temperature=0` is greedy decoding. `model_name` (default: the model's
-    `name_or_path`) goes into the manifest.
+    one. `temperature=0` is greedy decoding. `model_name` (default: the model's `name_or_path`) goes into the
+    manifest.
     """
     check_options(
         num_prompts=num_prompts,

@@ -72,3 +72,21 @@ def test_only_float32_linear_layers_on_a_cpu():
     model = tiny_fastmtp("llama").to(torch.bfloat16)
     with few_row_linears(model) as applied:
         assert not applied and not _patched(model)
+
+
+def test_bench_runs_every_method_with_the_few_row_kernels(monkeypatch):
+    from hf_fastmtp.bench import timed_generate
+
+    model = tiny_fastmtp("llama")
+    inputs = {"input_ids": torch.tensor([[1, 2, 3, 1, 2]])}
+    patched_during_call = []
+    original_generate = type(model).generate
+
+    def generate(self, *args, **kwargs):
+        patched_during_call.append(bool(_patched(self)))
+        return original_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", generate)
+    timed_generate(model, inputs, fastmtp=False, max_new_tokens=4, prompt_lookup_num_tokens=3)
+    timed_generate(model, inputs, fastmtp=True, max_new_tokens=4)
+    assert patched_during_call == [True, True] and not _patched(model)
