@@ -20,13 +20,21 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .embedded import load_base
 from .jsonl import append_rows, iter_json_lines, iter_rows, read_rows, write_json
@@ -112,7 +120,7 @@ def distill(
         shard_size=shard_size,
     )
     selection = select_prompts(load_prompts(prompts_file), sources, langs, num_prompts, seed)
-    generate_kwargs = _generate_kwargs(model, tokenizer, max_new_tokens)
+    eos_ids, pad_id = _eos_and_pad_ids(model, tokenizer)
     output_dir = Path(output_dir)
     identity = {
         "format_version": FORMAT_VERSION,
@@ -144,8 +152,8 @@ def distill(
     start = time.perf_counter()
     with tqdm(total=sum(len(batch) for _, batch in todo), unit="prompt", desc="distill", disable=not progress) as bar:
         for index, batch in todo:
-            sampling = _sampling_kwargs(temperature, top_k, top_p, _batch_seed(seed, index), model.device)
-            answers = _answer(model, batch, {**generate_kwargs, **sampling})
+            choose = _token_chooser(temperature, top_k, top_p, _batch_seed(seed, index), model.device)
+            answers = _answer(model, batch, choose, eos_ids, pad_id, max_new_tokens)
             rows = [
                 {
                     **prompt,
@@ -413,8 +421,8 @@ def _encode_pending(
     return todo, skipped
 
 
-def _generate_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> dict:
-    """`generate` arguments, with every EOS id of the model and tokenizer, so that answers are cut where they end."""
+def _eos_and_pad_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], int]:
+    """Every EOS id of the model and tokenizer, so that answers are cut where they end, and the id to left-pad with."""
     configured = model.generation_config.eos_token_id
     eos_ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -422,18 +430,18 @@ def _generate_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if not eos_ids:
         raise DistillError("Neither the model's generation config nor the tokenizer defines an EOS token.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    return {"max_new_tokens": max_new_tokens, "eos_token_id": sorted(eos_ids), "pad_token_id": pad_id}
+    return sorted(eos_ids), pad_id
 
 
 class TopKNucleusSampler(LogitsProcessor):
     """
-    Draws each next token as `do_sample=True` with `temperature`, `top_k` and `top_p` would, and leaves only that
-    token, for greedy decoding to pick.
+    Draws each next token as `do_sample=True` with `temperature`, `top_k` and `top_p` would.
 
     Transformers' top-p sorts the whole vocabulary and then samples from a full-vocabulary softmax, even when top-k has
     left 20 candidates; on a CPU that is a third of a decoding step of a batch (SmolLM2: 49,152 tokens). Here both run
     over the top-k candidates only. The distribution is the same, except that a tie at the k-th score keeps exactly k
-    tokens where Transformers keeps every tied one.
+    tokens where Transformers keeps every tied one. As a logits processor in `generate(do_sample=False)`, it leaves
+    only the drawn token for greedy decoding to pick.
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator):
@@ -442,24 +450,30 @@ class TopKNucleusSampler(LogitsProcessor):
         self.top_p = top_p
         self.generator = generator
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def sample(self, scores: torch.FloatTensor) -> torch.LongTensor:
+        """One token id per row of `scores`."""
         top_scores, top_ids = scores.float().topk(min(self.top_k, scores.shape[-1]), dim=-1)  # sorted, descending
         probs = (top_scores / self.temperature).softmax(dim=-1)
         # Transformers' top-p drops a token once the tokens more likely than it hold top_p of the mass.
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= self.top_p, 0.0)
-        next_tokens = top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, next_tokens, 0.0)
+        return top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator)).squeeze(-1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return torch.full_like(scores, float("-inf")).scatter_(-1, self.sample(scores)[:, None], 0.0)
 
 
-def _sampling_kwargs(temperature: float, top_k: int, top_p: float, seed: int, device: torch.device) -> dict:
-    """The `generate` arguments that decode one batch: greedy, the fast top-k sampler, or Transformers' own warpers."""
+def _token_chooser(
+    temperature: float, top_k: int, top_p: float, seed: int, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Picks the next token of every row from its logits: greedy, the fast top-k sampler, or Transformers' warpers."""
     if temperature == 0:
-        return {"do_sample": False}
-    if top_k == 0:  # a nucleus over the whole vocabulary needs the whole vocabulary sorted anyway
-        torch.manual_seed(seed)
-        return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
-    sampler = TopKNucleusSampler(temperature, top_k, top_p, torch.Generator(device).manual_seed(seed))
-    return {"do_sample": False, "logits_processor": LogitsProcessorList([sampler])}
+        return lambda logits: logits.argmax(dim=-1)
+    generator = torch.Generator(device).manual_seed(seed)
+    if top_k > 0:
+        return TopKNucleusSampler(temperature, top_k, top_p, generator).sample
+    # A nucleus over the whole vocabulary needs the whole vocabulary sorted anyway.
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+    return lambda logits: torch.multinomial(warpers(None, logits.float()).softmax(-1), 1, generator=generator)[:, 0]
 
 
 def _batch_seed(seed: int, batch_index: int) -> int:
@@ -467,25 +481,60 @@ def _batch_seed(seed: int, batch_index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{batch_index}".encode()).digest()[:8], "little")
 
 
-def _answer(model: PreTrainedModel, batch: list[dict], generate_kwargs: dict) -> list[tuple[list[int], bool]]:
-    """`(response ids up to and including the first EOS, whether there was one)` for each prompt of the batch."""
+def _answer(
+    model: PreTrainedModel,
+    batch: list[dict],
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    eos_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+) -> list[tuple[list[int], bool]]:
+    """
+    `(response ids up to and including the first EOS, whether there was one)` for each prompt of the batch.
+
+    The loop is `generate`'s, less its padding: a row leaves the batch (and its cache) as soon as its answer ends.
+    Most answers end well before `max_new_tokens`, and `generate` would keep decoding them to the longest one.
+    """
     # Left-padded by hand from the ids already encoded: the model sees exactly the `prompt_ids` that are stored.
     width = max(len(prompt["prompt_ids"]) for prompt in batch)
-    input_ids = torch.full((len(batch), width), generate_kwargs["pad_token_id"], dtype=torch.long)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, prompt in enumerate(batch):
         input_ids[row, width - len(prompt["prompt_ids"]) :] = torch.tensor(prompt["prompt_ids"])
         attention_mask[row, width - len(prompt["prompt_ids"]) :] = 1
+    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+    # Positions count real tokens only, as in `generate`, so a left-padded row sees the positions it would alone.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    eos = torch.tensor(eos_ids, device=model.device)
+    responses: list[list[int]] = [[] for _ in batch]
+    active = list(range(len(batch)))  # batch rows still answering, in the order of the cache's rows
     with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), **generate_kwargs
-        )
-    eos_ids = set(generate_kwargs["eos_token_id"])
-    answers = []
-    for ids in output[:, width:].tolist():
-        end = next((position for position, token in enumerate(ids) if token in eos_ids), None)
-        answers.append((ids, False) if end is None else (ids[: end + 1], True))
-    return answers
+        for step in range(max_new_tokens):
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            next_tokens = choose(logits)
+            for row, token in zip(active, next_tokens.tolist(), strict=True):
+                responses[row].append(token)
+            ongoing = ~torch.isin(next_tokens, eos)
+            if step == max_new_tokens - 1 or not ongoing.any():
+                break
+            if not ongoing.all():
+                keep = ongoing.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                active = [active[index] for index in keep.tolist()]
+                next_tokens, attention_mask, position_ids = next_tokens[keep], attention_mask[keep], position_ids[keep]
+            input_ids = next_tokens[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+    eos_set = set(eos_ids)
+    return [(ids, bool(ids) and ids[-1] in eos_set) for ids in responses]
 
 
 def _shard_paths(folder: Path) -> list[Path]:

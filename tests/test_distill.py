@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import ARCHITECTURES, tiny_base, tiny_tokenizer
 from test_core import chi_square_p_value
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_fastmtp.distill import (
     DistillError,
     TopKNucleusSampler,
+    _answer,
+    _token_chooser,
     distill,
     iter_distilled,
     load_prompts,
@@ -437,3 +439,60 @@ def test_sampler_is_seeded_by_its_generator():
         TopKNucleusSampler(0.6, 20, 0.95, torch.Generator().manual_seed(7))(None, logits).argmax(-1) for _ in "ab"
     ]
     assert torch.equal(*draws)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_answers_are_generate_less_the_rows_that_ended(architecture):
+    model = tiny_base(architecture)
+    generator = torch.Generator().manual_seed(1)
+    batch = [
+        {"prompt_ids": torch.randint(1, 97, (length,), generator=generator).tolist()} for length in (5, 9, 3, 7, 4, 6)
+    ]
+    max_new_tokens = 20
+    width = max(len(prompt["prompt_ids"]) for prompt in batch)
+    input_ids = torch.tensor([[0] * (width - len(p["prompt_ids"])) + p["prompt_ids"] for p in batch])
+    attention_mask = (
+        torch.arange(width) >= width - torch.tensor([len(p["prompt_ids"]) for p in batch])[:, None]
+    ).long()
+
+    def generate(eos_ids: list[int] | None) -> list[list[int]]:
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=0,
+        )
+        return output[:, width:].tolist()
+
+    # An EOS id that ends some rows at different steps and never comes in others, which run to max_new_tokens.
+    unstopped = generate(None)
+    for eos_id in sorted(set(sum(unstopped, []))):
+        ends = {ids.index(eos_id) for ids in unstopped if eos_id in ids}
+        if len(ends) >= 2 and any(eos_id not in ids for ids in unstopped):
+            break
+    expected = []
+    for ids in generate([eos_id]):
+        end = ids.index(eos_id) if eos_id in ids else None
+        expected.append((ids, False) if end is None else (ids[: end + 1], True))
+    assert len({len(ids) for ids, finished in expected if finished}) >= 2  # rows leave the batch at different steps
+    assert not all(finished for _, finished in expected)
+
+    answers = _answer(model, batch, _token_chooser(0.0, 20, 0.95, 0, model.device), [eos_id], 0, max_new_tokens)
+    assert answers == expected
+
+
+def test_full_vocabulary_nucleus_draws_from_transformers_distribution():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(3)) * 2
+    expected = TopPLogitsWarper(0.8)(None, TemperatureLogitsWarper(0.7)(None, logits[None].clone()))[0]
+    expected = expected.softmax(-1).double()
+    choose = _token_chooser(0.7, 0, 0.8, seed=5, device=torch.device("cpu"))
+    samples = choose(logits.expand(20_000, -1).clone())
+    assert set(samples.tolist()) <= set(expected.nonzero().flatten().tolist())
+    assert chi_square_p_value(samples, expected) > 1e-3
+    assert torch.equal(
+        samples, _token_chooser(0.7, 0, 0.8, seed=5, device=torch.device("cpu"))(logits.expand(20_000, -1))
+    )
