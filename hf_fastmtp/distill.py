@@ -28,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (
     DynamicCache,
-    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -433,15 +432,14 @@ def _eos_and_pad_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
     return sorted(eos_ids), pad_id
 
 
-class TopKNucleusSampler(LogitsProcessor):
+class TopKNucleusSampler:
     """
     Draws each next token as `do_sample=True` with `temperature`, `top_k` and `top_p` would.
 
     Transformers' top-p sorts the whole vocabulary and then samples from a full-vocabulary softmax, even when top-k has
     left 20 candidates; on a CPU that is a third of a decoding step of a batch (SmolLM2: 49,152 tokens). Here both run
     over the top-k candidates only. The distribution is the same, except that a tie at the k-th score keeps exactly k
-    tokens where Transformers keeps every tied one. As a logits processor in `generate(do_sample=False)`, it leaves
-    only the drawn token for greedy decoding to pick.
+    tokens where Transformers keeps every tied one.
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator):
@@ -450,16 +448,13 @@ class TopKNucleusSampler(LogitsProcessor):
         self.top_p = top_p
         self.generator = generator
 
-    def sample(self, scores: torch.FloatTensor) -> torch.LongTensor:
+    def __call__(self, scores: torch.FloatTensor) -> torch.LongTensor:
         """One token id per row of `scores`."""
         top_scores, top_ids = scores.float().topk(min(self.top_k, scores.shape[-1]), dim=-1)  # sorted, descending
         probs = (top_scores / self.temperature).softmax(dim=-1)
         # Transformers' top-p drops a token once the tokens more likely than it hold top_p of the mass.
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= self.top_p, 0.0)
         return top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator)).squeeze(-1)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return torch.full_like(scores, float("-inf")).scatter_(-1, self.sample(scores)[:, None], 0.0)
 
 
 def _token_chooser(
@@ -470,7 +465,7 @@ def _token_chooser(
         return lambda logits: logits.argmax(dim=-1)
     generator = torch.Generator(device).manual_seed(seed)
     if top_k > 0:
-        return TopKNucleusSampler(temperature, top_k, top_p, generator).sample
+        return TopKNucleusSampler(temperature, top_k, top_p, generator)
     # A nucleus over the whole vocabulary needs the whole vocabulary sorted anyway.
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
     return lambda logits: torch.multinomial(warpers(None, logits.float()).softmax(-1), 1, generator=generator)[:, 0]
