@@ -501,7 +501,7 @@ def _answer(
     # Positions count real tokens only, as in `generate`, so a left-padded row sees the positions it would alone.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    eos = torch.tensor(eos_ids, device=model.device)
+    eos_set = set(eos_ids)
     responses: list[list[int]] = [[] for _ in batch]
     active = list(range(len(batch)))  # batch rows still answering, in the order of the cache's rows
     with torch.inference_mode():
@@ -515,21 +515,22 @@ def _answer(
                 logits_to_keep=1,
             ).logits[:, -1]
             next_tokens = choose(logits)
-            for row, token in zip(active, next_tokens.tolist(), strict=True):
+            ongoing = []  # indices into `active` of the rows whose answer goes on
+            for index, (row, token) in enumerate(zip(active, next_tokens.tolist(), strict=True)):
                 responses[row].append(token)
-            ongoing = ~torch.isin(next_tokens, eos)
-            if step == max_new_tokens - 1 or not ongoing.any():
+                if token not in eos_set:
+                    ongoing.append(index)
+            if step == max_new_tokens - 1 or not ongoing:
                 break
-            if not ongoing.all():
-                keep = ongoing.nonzero()[:, 0]
+            if len(ongoing) < len(active):
+                keep = torch.tensor(ongoing, device=model.device)
                 cache.batch_select_indices(keep)
-                active = [active[index] for index in keep.tolist()]
+                active = [active[index] for index in ongoing]
                 next_tokens, attention_mask, position_ids = next_tokens[keep], attention_mask[keep], position_ids[keep]
             input_ids = next_tokens[:, None]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
             position_ids = position_ids[:, -1:] + 1
-    eos_set = set(eos_ids)
-    return [(ids, bool(ids) and ids[-1] in eos_set) for ids in responses]
+    return [(ids, ids[-1] in eos_set) for ids in responses]
 
 
 def _shard_paths(folder: Path) -> list[Path]:
