@@ -25,6 +25,7 @@ class DraftVocabulary:
     token_ids: torch.LongTensor
     lm_head_weight: torch.Tensor
     lm_head_bias: torch.Tensor | None = None
+    source_dtype: torch.dtype | None = None  # the model's lm_head dtype; the rows may be kept in a cheaper one
 
     @property
     def size(self) -> int:

@@ -80,7 +80,10 @@ def test_sliced_lm_head_is_cached_and_follows_the_model():
     assert model.draft_vocabulary("en") is first  # sliced once, reused by every call
     greedy(model, prompt(4), max_new_tokens=5, fastmtp=True, draft_vocab="en")
     assert model.draft_vocabulary("en") is first
-    torch.testing.assert_close(first.lm_head_weight, model.get_output_embeddings().weight[first.token_ids])
+    # On a CPU, float32 rows are kept in float16 (a cheaper memory-bound product); drafts are verified all the same.
+    assert first.lm_head_weight.dtype == torch.float16
+    expected = model.get_output_embeddings().weight[first.token_ids]
+    torch.testing.assert_close(first.lm_head_weight, expected.half())
     model.to(torch.float64)
     moved = model.draft_vocabulary("en")
     assert moved.lm_head_weight.dtype == torch.float64
