@@ -33,7 +33,6 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from hf_fastmtp import FastMTPForCausalLM, load_default  # noqa: E402
 from hf_fastmtp.bench import Run, timed_generate  # noqa: E402
-from hf_fastmtp.cli import default_confidence_threshold  # noqa: E402
 from hf_fastmtp.prompts import DEMO_PROMPTS, encode_chat  # noqa: E402
 
 MAX_PROMPT_CHARS = 2000
@@ -499,7 +498,7 @@ def build_demo(model: FastMTPForCausalLM, tokenizer: PreTrainedTokenizerBase) ->
                 confidence_threshold = gr.Slider(
                     0,
                     1,
-                    value=default_confidence_threshold(model.device) or 0,
+                    value=0,
                     step=0.05,
                     label="Confidence gate",
                     info="FastMTP stops drafting where the head's top probability is lower (0 = never): worth it "

@@ -421,15 +421,13 @@ def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
         assert torch.equal(loaded.head.state_dict()[name], tensor.bfloat16())
 
 
-def test_commands_gate_drafting_on_a_cpu_unless_told_otherwise(tiny):
-    from hf_fastmtp.cli import CPU_CONFIDENCE_THRESHOLD, resolve_confidence_threshold
-
-    model, _ = tiny
+def test_commands_gate_drafting_only_when_told():
+    from hf_fastmtp.cli import resolve_confidence_threshold
 
     def resolved(value):
-        return resolve_confidence_threshold(argparse.Namespace(confidence_threshold=value), model)
+        return resolve_confidence_threshold(argparse.Namespace(confidence_threshold=value))
 
-    assert resolved(None) == CPU_CONFIDENCE_THRESHOLD
+    assert resolved(None) is None
     assert resolved(0.0) is None and resolved(0.4) == 0.4
     with pytest.raises(SystemExit, match="between 0 and 1"):
         resolved(1.2)
