@@ -40,7 +40,7 @@ from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table, parse_probability
-from .cpu_kernels import few_row_linears
+from .cpu_kernels import cpu_verification_kernels
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .prompts import encode_chat
@@ -85,13 +85,13 @@ def timed_generate(
 ) -> Run:
     """
     One generate() call, timed end to end (prefill included), with the FastMTP stats it left. Every method runs with
-    the few-row linear kernels FastMTP verifies with on CPUs, so that prompt lookup and assisted decoding are
-    compared on the same footing (plain decoding's one-row steps are unaffected).
+    the CPU kernels FastMTP verifies with (few-row linears, grouped-query attention without copies), so that prompt
+    lookup and assisted decoding are compared on the same footing (plain decoding's one-row steps are unaffected).
     """
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     start = time.perf_counter()
-    with few_row_linears(model):
+    with cpu_verification_kernels(model):
         output = model.generate(**inputs, fastmtp=fastmtp, **generate_kwargs)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -106,14 +106,14 @@ def forward_cost(
     """
     Median milliseconds of one base-model forward over n = 1..`max_new_tokens` new tokens after a `context`-token
     cache: what verifying K drafts (n = K + 1) costs against a plain decoding step (n = 1) on this hardware, with the
-    linear-layer kernels that FastMTP verifies with.
+    kernels that FastMTP verifies with.
     """
     base = model.model
     context = min(context, getattr(base.config, "max_position_embeddings", context) - max_new_tokens)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(model.vocab_size, (1, context + max_new_tokens), generator=generator).to(model.device)
     cache = DynamicCache(config=base.config)
-    with torch.inference_mode(), few_row_linears(model):
+    with torch.inference_mode(), cpu_verification_kernels(model):
         base(input_ids=input_ids[:, :context], past_key_values=cache, use_cache=True)
         timings = {n: [] for n in range(1, max_new_tokens + 1)}
         for repeat in range(repeats + 1):  # the first round warms up

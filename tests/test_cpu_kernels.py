@@ -1,14 +1,17 @@
-"""The weight-first few-row products that FastMTP verifies with on CPUs."""
+"""The CPU kernels FastMTP verifies with: weight-first few-row products and grouped-query attention without copies."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from conftest import tiny_fastmtp
+from conftest import ARCHITECTURES, tiny_fastmtp
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
-from hf_fastmtp.cpu_kernels import few_row_linears
+from hf_fastmtp.cpu_kernels import FORCE_GQA_VARIABLE, few_row_linears, native_gqa_attention
 
 
 def _patched(model: nn.Module) -> list[str]:
@@ -53,19 +56,21 @@ def test_every_linear_layer_is_patched_and_restored():
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())
 
 
-def test_generate_restores_the_linear_layers_even_on_error(monkeypatch):
+def test_generate_restores_the_kernels_even_on_error(monkeypatch):
+    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
     model = tiny_fastmtp("llama")
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model)
+    assert not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
 
     def interrupted(*args, **kwargs):
         assert "forward" in vars(model.get_output_embeddings())  # verification is under way with the few-row kernel
+        assert os.environ[FORCE_GQA_VARIABLE] == "1"  # and with native grouped-query attention
         raise KeyboardInterrupt
 
     monkeypatch.setattr(FastMTPCandidateGenerator, "update_candidate_strategy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model)
+    assert not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
 
 
 def test_only_float32_linear_layers_on_a_cpu():
@@ -87,6 +92,53 @@ def test_bench_runs_every_method_with_the_few_row_kernels(monkeypatch):
         return original_generate(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "generate", generate)
+    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
     timed_generate(model, inputs, fastmtp=False, max_new_tokens=4, prompt_lookup_num_tokens=3)
     timed_generate(model, inputs, fastmtp=True, max_new_tokens=4)
-    assert patched_during_call == [True, True] and not _patched(model)
+    assert patched_during_call == [True, True] and not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
+    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
+    base = tiny_fastmtp(architecture).model
+    assert base.config.num_key_value_heads < base.config.num_attention_heads  # grouped heads: the path that changes
+    input_ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+
+    def verification_logits() -> torch.Tensor:
+        cache = DynamicCache(config=base.config)
+        base(input_ids=input_ids[:, :36], past_key_values=cache, use_cache=True)  # past the sliding windows (16)
+        return base(input_ids=input_ids[:, 36:], past_key_values=cache, use_cache=True).logits
+
+    grouped_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, *args, **kwargs):
+        grouped_calls.append(key.shape[1] < query.shape[1] and query.shape[2] == 4)
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    with torch.inference_mode():
+        standard = verification_logits()
+        assert not any(grouped_calls)  # the key and value heads were repeated first
+        with native_gqa_attention(base) as applied:
+            assert applied and os.environ[FORCE_GQA_VARIABLE] == "1"
+            native = verification_logits()
+    assert FORCE_GQA_VARIABLE not in os.environ
+    assert sum(grouped_calls) == base.config.num_hidden_layers  # the 4-token forward attends to the grouped heads
+    assert torch.equal(native, standard)
+
+
+def test_native_gqa_attention_leaves_a_users_setting_and_other_devices_alone(monkeypatch):
+    model = tiny_fastmtp("llama")
+    monkeypatch.setenv(FORCE_GQA_VARIABLE, "0")
+    with native_gqa_attention(model) as applied:
+        assert not applied and os.environ[FORCE_GQA_VARIABLE] == "0"
+    assert os.environ[FORCE_GQA_VARIABLE] == "0"
+
+    monkeypatch.delenv(FORCE_GQA_VARIABLE)
+    with native_gqa_attention(tiny_fastmtp("llama").to("meta")) as applied:  # GPU kernels would take a slower path
+        assert not applied and FORCE_GQA_VARIABLE not in os.environ
+    with native_gqa_attention(model) as outer, native_gqa_attention(model) as nested:
+        assert outer and not nested  # the enclosing call owns the switch, and clears it
+    assert FORCE_GQA_VARIABLE not in os.environ
