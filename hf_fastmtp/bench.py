@@ -1053,9 +1053,10 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--head", metavar="PATH", help="FastMTP head folder (default: the shipped head; with --base: a new head)"
     )
-    from .cli import add_dtype_argument
+    from .cli import add_device_argument, add_dtype_argument
 
     add_dtype_argument(parser)
+    add_device_argument(parser)
     parser.set_defaults(func=cmd_bench)
 
     compare = commands.add_parser(

@@ -343,12 +343,13 @@ def stage_lines(summary: dict[str, Any]) -> list[str]:
     """One `fastmtp train` run: data, steps, time, objective, held-out accuracy and the command line."""
     rows, tokens = summary["rows"], summary["response_tokens"]
     weights = " / ".join(f"{w:.2f}" for w in summary["loss_weights"])
+    hardware = f" on {summary['hardware']}" if summary.get("hardware") else ""
     lines = [
         f"- Data: {rows['train']:,} rows ({tokens['train']:,} response tokens) for training, {rows['validation']:,} "
         f"rows ({tokens['validation']:,} response tokens) held out.",
         f"- {summary['steps']:,} optimizer step{'' if summary['steps'] == 1 else 's'} ({summary['epochs']:.2f} epochs) "
-        f"in {summary['seconds'] / 3600:.2f} h ({summary['train_tokens_per_second']:.0f} response tokens/s); loss "
-        f"weights per draft step {weights}.",
+        f"in {summary['seconds'] / 3600:.2f} h{hardware} ({summary['train_tokens_per_second']:.0f} response tokens/s); "
+        f"loss weights per draft step {weights}.",
     ]
     config = summary.get("config") or {}
     targets = "the base model's greedy choices" if config.get("labels") == "base" else "the data's next tokens"

@@ -27,13 +27,39 @@ def parse_dtype(name: str) -> torch.dtype | str:
     return name if name == "auto" else getattr(torch, name)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (default: the GPU when torch sees one, else the CPU), cpu, cuda, cuda:1, mps",
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device` as a torch device, checked now rather than when the first tensor moves there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemExit(f"--device: {error}") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise SystemExit(f"--device {name}: this torch ({torch.__version__}) sees no {device.type} device; use cpu.")
+    return device
+
+
 def load_model(args: argparse.Namespace):
-    """The embedded default, or `--base`/`--head` when given, in `--dtype`."""
+    """The embedded default, or `--base`/`--head` when given, in `--dtype`, on `--device`."""
     from .embedded import SHIPPED_HEAD_DIR, load_base, load_default
 
     dtype = parse_dtype(args.dtype)
+    device = resolve_device(args.device)
     if args.base is None:
-        return load_default(head=args.head or SHIPPED_HEAD_DIR, dtype=torch.float32 if dtype == "auto" else dtype)
+        model, tokenizer = load_default(
+            head=args.head or SHIPPED_HEAD_DIR, dtype=torch.float32 if dtype == "auto" else dtype
+        )
+        return model.to(device), tokenizer
     from .modeling_fastmtp import FastMTPForCausalLM
 
     base, tokenizer, _ = load_base(args.base, dtype)
@@ -42,7 +68,7 @@ def load_model(args: argparse.Namespace):
     else:
         model = FastMTPForCausalLM.from_pretrained(args.head, base_model=base)
     model.prompt_tokenizer = tokenizer
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def resolve_confidence_threshold(args: argparse.Namespace) -> float | None:
@@ -189,6 +215,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     add_dtype_argument(parser)
+    add_device_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

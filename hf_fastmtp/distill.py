@@ -565,14 +565,15 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     parser.add_argument("--shard-size", type=int, default=1000, help="rows per shard file")
     parser.add_argument("--base", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    from .cli import add_dtype_argument
+    from .cli import add_device_argument, add_dtype_argument
 
     add_dtype_argument(parser)
+    add_device_argument(parser)
     parser.set_defaults(func=cmd_distill)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .cli import parse_dtype
+    from .cli import parse_dtype, resolve_device
 
     options = {
         "num_prompts": args.num_prompts,
@@ -592,7 +593,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
                 f"Prompts file {args.prompts} not found (the default, {DEFAULT_PROMPTS}, is relative to the current "
                 "directory): pass --prompts PATH."
             )
+        device = resolve_device(args.device)
         model, tokenizer, model_name = load_base(args.base, parse_dtype(args.dtype))
+        model.to(device)
         result = distill(
             model,
             tokenizer,

@@ -864,7 +864,7 @@ def train(
     if accelerator.is_main_process:
         if lora is not None:
             lora.merge_and_unload()
-        summary = write_summary(config, data, run.state, run.steps_per_epoch)
+        summary = write_summary(config, data, run.state, run.steps_per_epoch, accelerator)
         save_head(model, head_dir, data.report, summary)
         plot_training_log(Path(config.output) / LOG_NAME, Path(config.output) / PLOT_NAME)
     accelerator.wait_for_everyone()
@@ -1251,7 +1251,9 @@ def save_head(model: FastMTPForCausalLM, head_dir: Path, report: DataReport, sum
     os.replace(staging, head_dir)
 
 
-def write_summary(config: TrainConfig, data: TrainingData, state: TrainState, steps_per_epoch: int) -> dict:
+def write_summary(
+    config: TrainConfig, data: TrainingData, state: TrainState, steps_per_epoch: int, accelerator
+) -> dict:
     output = Path(config.output)
     records = [json.loads(line) for line in (output / LOG_NAME).read_text(encoding="utf-8").splitlines()]
     validations = [r for r in records if "val_accuracy" in r]
@@ -1275,7 +1277,8 @@ def write_summary(config: TrainConfig, data: TrainingData, state: TrainState, st
         "loss_weights": loss_weights(config.num_draft_tokens, config.beta, config.loss_weights),
         "final_validation": validations[-1] if validations else None,
         "tau_estimate": tau_estimate(validations[-1]["val_accuracy"]) if validations else None,
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "hardware": hardware_name(accelerator.device, accelerator.num_processes),
+        "command": command_line(),
         "config": dataclasses.asdict(config),
     }
     if config.data is not None:
@@ -1287,6 +1290,22 @@ def write_summary(config: TrainConfig, data: TrainingData, state: TrainState, st
         summary["initialised_from"] = json.loads(init_summary.read_text(encoding="utf-8"))
     (output / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def hardware_name(device: torch.device, num_processes: int = 1) -> str:
+    """What trained the head, for the model card: the GPU's name, or the CPU and its thread count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        threads = torch.get_num_threads()
+        name = f"CPU, {threads} thread{'' if threads == 1 else 's'}"
+    return name if num_processes == 1 else f"{num_processes} x {name}"
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it (`fastmtp`, also under `python -m hf_fastmtp.cli`)."""
+    program = Path(sys.argv[0]).name
+    return shlex.join(["fastmtp" if program in ("fastmtp", "cli.py") else program, *sys.argv[1:]])
 
 
 def tau_estimate(accuracies: Sequence[float]) -> float:

@@ -414,11 +414,24 @@ def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
     argv = ["bench", "--output", "o", "--base", str(tmp_path / "base"), "--head", str(tmp_path / "head")]
-    assert parser.parse_args(argv).dtype == "auto"
-    loaded, _ = load_model(parser.parse_args([*argv, "--dtype", "bfloat16"]))
+    assert (parser.parse_args(argv).dtype, parser.parse_args(argv).device) == ("auto", "auto")
+    loaded, _ = load_model(parser.parse_args([*argv, "--dtype", "bfloat16", "--device", "cpu"]))
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     for name, tensor in model.head.state_dict().items():
         assert torch.equal(loaded.head.state_dict()[name], tensor.bfloat16())
+
+
+def test_device_option():
+    from hf_fastmtp.cli import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="--device: .*tpu0"):
+        resolve_device("tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no cuda device; use cpu"):
+            resolve_device("cuda:0")
 
 
 def test_commands_gate_drafting_only_when_told():

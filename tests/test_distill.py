@@ -367,7 +367,7 @@ def test_cli_defaults():
     assert (args.batch_size, args.max_new_tokens, args.shard_size, args.max_prompt_tokens) == (32, 256, 1000, 512)
     assert (args.temperature, args.top_k, args.top_p, args.seed) == (0.6, 20, 0.95, 0)
     assert args.source is None and args.lang is None and args.num_prompts is None and args.base is None
-    assert args.dtype == "auto"
+    assert args.dtype == "auto" and args.device == "auto"
 
 
 def test_cli_end_to_end(tiny, prompts_file, tmp_path, capsys):
@@ -395,6 +395,7 @@ def test_cli_end_to_end(tiny, prompts_file, tmp_path, capsys):
         (["--prompts", "missing.jsonl"], "Prompts file missing.jsonl not found"),
         (["--top-p", "1.5"], "top_p must be in"),
         (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--device", "gpu"], "--device: .*gpu"),
     ],
 )
 def test_cli_errors_before_loading_a_model(tmp_path, prompts_file, argv, message):

@@ -398,6 +398,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_head(tiny, tmp_path):
     assert [path.name for path in (output / "checkpoints").iterdir()] == ["step-0000030"]
     card = (result.head_dir / "README.md").read_text()
     assert "## Training" in card and summary["command"] in card and "30 optimizer steps" in card
+    assert summary["hardware"].startswith("CPU, ") and f"h on {summary['hardware']} (" in card
     assert f"{summary['response_tokens']['train']:,} response tokens" in card and "temperature 0.6" in card
 
 
@@ -589,6 +590,14 @@ def test_options_are_checked_before_loading(tmp_path):
     ]:
         with pytest.raises(TrainError, match=message):
             TrainConfig(output=str(tmp_path / "out"), **{"data": str(tmp_path), **overrides}).check()
+
+
+def test_recorded_command_names_the_fastmtp_command(monkeypatch):
+    from hf_fastmtp.train import command_line
+
+    for program in ("/venv/bin/fastmtp", "/src/hf_fastmtp/cli.py"):  # the console script, python -m hf_fastmtp.cli
+        monkeypatch.setattr("sys.argv", [program, "train", "--output", "my run"])
+        assert command_line() == "fastmtp train --output 'my run'"
 
 
 def test_cli(tiny, tmp_path, capsys):
