@@ -156,16 +156,24 @@ def parse_confidence_threshold(value: str) -> float | None:
     return parse_probability(value) or None
 
 
+def parse_lookup_tokens(value: str) -> int | None:
+    """A `--lookup-tokens` value: prompt lookup's tokens per cycle; 0 (None) runs without lookup."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (0: no lookup), got {value!r}")
+    return int(value) or None
+
+
 def build_modes(
     methods: Iterable[str],
     num_draft_tokens: Sequence[int],
     draft_vocabs: Sequence[str | int] = ("full",),
     pld_tokens: int = 10,
     confidence_thresholds: Sequence[float | None] = (None,),
+    lookup_tokens: Sequence[int | None] = (None,),
 ) -> list[Mode]:
     """
-    The modes to compare: `ar` (always, first: it is the reference) and every K x vocabulary x confidence threshold
-    for `fastmtp`.
+    The modes to compare: `ar` (always, first: it is the reference) and every K x vocabulary x confidence threshold x
+    prompt lookup length (None: without lookup) for `fastmtp`.
     """
     methods = list(dict.fromkeys([REFERENCE, *methods]))
     if unknown := set(methods) - set(METHODS):
@@ -174,12 +182,17 @@ def build_modes(
     for method in methods:
         if method == "fastmtp":
             for k in dict.fromkeys(num_draft_tokens):
-                for vocab, threshold in product(dict.fromkeys(draft_vocabs), dict.fromkeys(confidence_thresholds)):
+                for vocab, threshold, lookup in product(
+                    dict.fromkeys(draft_vocabs), dict.fromkeys(confidence_thresholds), dict.fromkeys(lookup_tokens)
+                ):
                     options = {"num_draft_tokens": k, "draft_vocab": vocab}
                     label = f"fastmtp-k{k}-{vocab}"
                     if threshold is not None:
                         options["draft_confidence_threshold"] = threshold
                         label += f"-c{threshold:g}"
+                    if lookup is not None:
+                        options["prompt_lookup_num_tokens"] = lookup
+                        label += f"-lookup{lookup}"
                     modes.append(Mode(label, method, options))
         elif method == "pld":
             modes.append(Mode(f"pld-{pld_tokens}", method, {"prompt_lookup_num_tokens": pld_tokens}))
@@ -286,6 +299,7 @@ def run_bench(
     num_draft_tokens: Sequence[int] | None = None,
     draft_vocabs: Sequence[str | int] = ("full",),
     confidence_thresholds: Sequence[float | None] = (None,),
+    lookup_tokens: Sequence[int | None] = (None,),
     pld_tokens: int = 10,
     max_new_tokens: int = 128,
     assistant_model: PreTrainedModel | None = None,
@@ -297,7 +311,8 @@ def run_bench(
     Runs every (prompt, mode) pair that `output_dir` does not hold yet, then writes the results and returns them.
 
     `questions`, `per_category`, `categories` and `exclude_ids` select the prompts (`load_questions`).
-    `num_draft_tokens` defaults to the head's K; `confidence_thresholds` adds gated FastMTP modes (None: ungated).
+    `num_draft_tokens` defaults to the head's K; `confidence_thresholds` adds gated FastMTP modes (None: ungated),
+    `lookup_tokens` FastMTP modes that also draft by prompt lookup (None: without).
     `assistant_model` is needed for the `assisted` method; give `assistant_tokenizer` too when it does not share the
     model's tokenizer. `model_name` (default: the base model's
     `name_or_path`) identifies the base in settings.json, next to a hash of the head's weights.
@@ -313,7 +328,12 @@ def run_bench(
     exclude_ids = set(exclude_ids)
     selection = load_questions(questions, per_category, categories=categories, exclude_ids=exclude_ids)
     modes = build_modes(
-        methods, num_draft_tokens or [model.config.num_draft_tokens], draft_vocabs, pld_tokens, confidence_thresholds
+        methods,
+        num_draft_tokens or [model.config.num_draft_tokens],
+        draft_vocabs,
+        pld_tokens,
+        confidence_thresholds,
+        lookup_tokens,
     )
     output_dir = Path(output_dir)
     identity = {
@@ -361,8 +381,12 @@ def run_bench(
     )
     results = {"settings": {**identity, **run}, "hardware": hardware, **aggregate(records)}
     if any(mode.method == "fastmtp" for mode in modes):
-        largest_k = max(mode.options["num_draft_tokens"] for mode in modes if mode.method == "fastmtp")
-        results["forward_ms"] = forward_cost(model, largest_k + 1)
+        most_drafts = max(
+            max(mode.options["num_draft_tokens"], mode.options.get("prompt_lookup_num_tokens", 0))
+            for mode in modes
+            if mode.method == "fastmtp"
+        )
+        results["forward_ms"] = forward_cost(model, most_drafts + 1)
     write_reports(results, output_dir)
     return results
 
@@ -582,9 +606,12 @@ def acceptance(stats: Sequence[dict]) -> dict:
     accepted = _summed_per_position(entry["accepted_per_position"] for entry in stats)
     draft_seconds = sum(entry["draft_seconds"] for entry in stats)
     vocab_sizes = [entry["draft_vocab_size"] for entry in stats if entry.get("draft_vocab_size") is not None]
+    # Cycles that drafted by prompt lookup count in tau; the per-position acceptance is the head's own.
+    lookup = {key: sum(entry.get(key, 0) for entry in stats) for key in LOOKUP_COUNTS}
     return {
         "cycles": cycles,
-        "tau": (sum(accepted) + cycles) / cycles if cycles else None,
+        "tau": (sum(accepted) + lookup["lookup_accepted"] + cycles) / cycles if cycles else None,
+        **lookup,
         "drafted_per_position": drafted,
         "accepted_per_position": accepted,
         "acceptance_cumulative": [a / d if d else None for a, d in zip(accepted, drafted)],
@@ -597,6 +624,9 @@ def acceptance(stats: Sequence[dict]) -> dict:
         "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,
         "languages": dict(Counter(entry.get("language") or "unknown" for entry in stats)),
     }
+
+
+LOOKUP_COUNTS = ("lookup_cycles", "lookup_drafted", "lookup_accepted")
 
 
 def _summed_per_position(counts: Iterable[list[int]]) -> list[int]:
@@ -696,9 +726,13 @@ def acceptance_table(results: dict) -> str:
         mode: entry["overall"] for mode, entry in results["by_mode"].items() if entry["overall"].get("tau") is not None
     }
     positions = max(len(summary["acceptance_cumulative"]) for summary in fastmtp.values())
+    with_lookup = any(summary.get("lookup_cycles") for summary in fastmtp.values())
     header = ["mode", "tau", "cycles", "draft ms/step", *(f"k={k}" for k in range(1, positions + 1))]
-    rows = [
-        [
+    if with_lookup:  # the positions are the head's own cycles'
+        header.append("lookup cycles: drafts accepted")
+    rows = []
+    for mode, summary in fastmtp.items():
+        row = [
             mode,
             _format("tau", summary["tau"]),
             str(summary["cycles"]),
@@ -709,9 +743,18 @@ def acceptance_table(results: dict) -> str:
             ),
             *[""] * (positions - len(summary["acceptance_cumulative"])),
         ]
-        for mode, summary in fastmtp.items()
-    ]
+        if with_lookup:
+            row.append(lookup_cell(summary))
+        rows.append(row)
     return format_table(header, rows)
+
+
+def lookup_cell(summary: dict) -> str:
+    """How many cycles drafted by prompt lookup, and the share of their drafts the model accepted."""
+    if not summary.get("lookup_cycles"):
+        return "-"
+    accepted = summary["lookup_accepted"] / summary["lookup_drafted"]
+    return f"{summary['lookup_cycles']}: {_percent(accepted)} of {summary['lookup_drafted']}"
 
 
 def forward_cost_table(forward_ms: dict) -> str:
@@ -865,7 +908,12 @@ def plot_vocab_sweep(figure, results: dict) -> bool:
     return True
 
 
-SWEEP_NAMES = {"num_draft_tokens": "K={}", "draft_vocab": "vocab {}", "draft_confidence_threshold": "confidence {}"}
+SWEEP_NAMES = {
+    "num_draft_tokens": "K={}",
+    "draft_vocab": "vocab {}",
+    "draft_confidence_threshold": "confidence {}",
+    "prompt_lookup_num_tokens": "lookup {}",
+}
 
 
 def _sweep(results: dict, along: str) -> dict:
@@ -1043,6 +1091,15 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         "ungated (default: 0)",
     )
     parser.add_argument(
+        "--lookup-tokens",
+        type=parse_lookup_tokens,
+        nargs="+",
+        metavar="N",
+        default=[None],
+        help="FastMTP runs that also draft up to N tokens by prompt lookup where it agrees with the head, one run "
+        "each; 0 runs without lookup (default: 0)",
+    )
+    parser.add_argument(
         "--pld-tokens", type=int, default=10, metavar="N", help="prompt lookup decoding: tokens per lookup"
     )
     parser.add_argument("--assistant", metavar="PATH_OR_ID", help="draft model folder or Hub id for assisted decoding")
@@ -1123,6 +1180,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             num_draft_tokens=args.k,
             draft_vocabs=args.draft_vocab,
             confidence_thresholds=args.confidence_threshold,
+            lookup_tokens=args.lookup_tokens,
             pld_tokens=args.pld_tokens,
             max_new_tokens=args.max_new_tokens,
             assistant_model=assistant_model,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
@@ -48,6 +48,9 @@ class FastMTPStats:
     verify_seconds: float = 0.0
     language: str | None = None
     draft_vocab_size: int | None = None
+    lookup_cycles: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     def __post_init__(self):
         if not self.drafted_per_position:
@@ -55,9 +58,14 @@ class FastMTPStats:
             self.accepted_per_position = [0] * self.num_draft_tokens
             self.reached_per_position = [0] * self.num_draft_tokens
 
-    def record_cycle(self, num_drafted: int, num_accepted: int) -> None:
+    def record_cycle(self, num_drafted: int, num_accepted: int, from_lookup: bool = False) -> None:
         """One verification pass; a pass with no drafts (nothing confident enough) is a plain decoding step."""
         self.cycles += 1
+        if from_lookup:  # prompt-lookup drafts are counted apart: they may be longer than K
+            self.lookup_cycles += 1
+            self.lookup_drafted += num_drafted
+            self.lookup_accepted += num_accepted
+            return
         for position in range(num_drafted):
             self.drafted_per_position[position] += 1
             # Draft k is only judged when drafts 1..k-1 were all accepted.
@@ -66,7 +74,7 @@ class FastMTPStats:
 
     @property
     def accepted_tokens(self) -> int:
-        return sum(self.accepted_per_position)
+        return sum(self.accepted_per_position) + self.lookup_accepted
 
     @property
     def tau(self) -> float:
@@ -100,6 +108,9 @@ class FastMTPStats:
             "verify_seconds": self.verify_seconds,
             "language": self.language,
             "draft_vocab_size": self.draft_vocab_size,
+            "lookup_cycles": self.lookup_cycles,
+            "lookup_drafted": self.lookup_drafted,
+            "lookup_accepted": self.lookup_accepted,
         }
 
 
@@ -125,6 +136,12 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         confidence_threshold: stop drafting a cycle at the first position where the head's most likely token has a
             lower probability; a cycle with no draft is a plain decoding step. The decision never looks at the sampled
             draft itself, so speculative sampling stays exact, and greedy output is unchanged.
+        prompt_lookup_num_tokens: also look the last n-gram up in the prompt and the text so far (Transformers'
+            prompt lookup); where its continuation starts with the head's first draft, draft up to this many tokens
+            from it instead of recursing. The head's recursion is weakest where text is copied (summaries, extraction,
+            RAG), which is where lookup is right. Lookup drafts carry no distribution, so `generate` verifies them by
+            sampling and matching, which is exact too.
+        max_matching_ngram_size: the longest n-gram prompt lookup matches (Transformers' default: 2).
     """
 
     requires_model_outputs = True
@@ -140,6 +157,8 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         draft_vocabulary: DraftVocabulary | None = None,
         language: str | None = None,
         confidence_threshold: float | None = None,
+        prompt_lookup_num_tokens: int | None = None,
+        max_matching_ngram_size: int | None = None,
     ):
         self.model = model
         self.num_draft_tokens = num_draft_tokens
@@ -153,12 +172,23 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self.head_cache.activate_past_recording()
         self.head_cache_verified_length = 0
         self.head_cache_speculative_length = 0
+        self.prompt_lookup = None
+        if prompt_lookup_num_tokens:
+            self.prompt_lookup = PromptLookupCandidateGenerator(
+                eos_token_id=generation_config._eos_token_tensor,
+                num_output_tokens=prompt_lookup_num_tokens,
+                max_matching_ngram_size=max_matching_ngram_size or 2,
+                max_length=self.max_length,
+                logits_processor=self.logits_processor,
+                vocab_size=model.vocab_size,
+            )
         self.stats = FastMTPStats(
             num_draft_tokens=num_draft_tokens,
             language=language,
             draft_vocab_size=model.vocab_size if draft_vocabulary is None else draft_vocabulary.size,
         )
         self._num_drafted = 0
+        self._drafted_by_lookup = False
         self._awaiting_prefill = True
         self._clock = time.perf_counter()
 
@@ -172,6 +202,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         self._num_drafted = 0
+        self._drafted_by_lookup = False
         if is_first_iteration:
             self._clock = time.perf_counter()
             return input_ids, None
@@ -204,6 +235,13 @@ class FastMTPCandidateGenerator(CandidateGenerator):
                 self.head_cache_speculative_length = step
             next_token, logits, confidence = self._select_draft(candidate_ids, head_output[:, -1])
             self.stats.head_steps += 1
+            if step == 0 and self.prompt_lookup is not None:
+                # Agreement is judged on the head's most likely token, never on a sampled draft: a cycle that drafts
+                # with the head then still draws its drafts from q unconditionally, as speculative sampling needs.
+                most_likely = next_token if logits is None else logits.argmax(dim=-1)
+                if (looked_up := self._look_up(input_ids, most_likely)) is not None:
+                    candidate_ids, self._drafted_by_lookup = looked_up, True
+                    break
             if confidence < self.confidence_threshold:
                 break  # an unlikely draft would cost a wider verification forward than it is expected to save
             candidate_ids = torch.cat([candidate_ids, next_token[:, None]], dim=-1)
@@ -214,6 +252,18 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self._clock = self._synchronized_time()
         self.stats.draft_seconds += self._clock - start
         return candidate_ids, torch.stack(draft_logits, dim=1) if self.do_sample and draft_logits else None
+
+    def _look_up(self, input_ids: torch.LongTensor, head_token: torch.LongTensor) -> torch.LongTensor | None:
+        """
+        Prompt lookup's candidates when it finds a continuation that starts with the head's token: the head picks the
+        branch, the text so far supplies the rest of it. None otherwise.
+        """
+        cur_len = input_ids.shape[1]
+        candidate_ids, _ = self.prompt_lookup.get_candidates(input_ids)
+        if candidate_ids.shape[1] == cur_len or candidate_ids[0, cur_len] != head_token[0]:
+            return None
+        # Like the head's drafts, never more than max_length leaves room for (it does not count the verified token).
+        return candidate_ids[:, : self.max_length - 1]
 
     def _select_draft(
         self, candidate_ids: torch.LongTensor, head_output: torch.Tensor
@@ -256,7 +306,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             self.stats.prefill_seconds += now - self._clock
         else:
             self.stats.verify_seconds += now - self._clock
-            self.stats.record_cycle(self._num_drafted, int(num_matches))
+            self.stats.record_cycle(self._num_drafted, int(num_matches), from_lookup=self._drafted_by_lookup)
 
     def _synchronized_time(self) -> float:
         # Draft and verify times are only meaningful on an accelerator if queued kernels have finished.

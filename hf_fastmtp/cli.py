@@ -91,6 +91,13 @@ def parse_probability(value: str | float) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def lookup_kwargs(args: argparse.Namespace) -> dict:
+    """FastMTP's prompt lookup option; never given to plain decoding, where Transformers would run prompt lookup."""
+    if args.lookup_tokens < 0:
+        raise SystemExit("--lookup-tokens must be >= 0 (0: no prompt lookup).")
+    return {"prompt_lookup_num_tokens": args.lookup_tokens} if args.lookup_tokens else {}
+
+
 def sampling_kwargs(temperature: float) -> dict:
     if temperature < 0:
         raise SystemExit("--temperature must be >= 0 (0 is greedy).")
@@ -114,12 +121,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         num_draft_tokens=args.num_draft_tokens,
         draft_confidence_threshold=threshold,
         streamer=streamer,
+        **({} if args.no_fastmtp else lookup_kwargs(args)),
         **sampling_kwargs(args.temperature),
     )
     summary = f"{len(run.new_token_ids)} tokens in {run.seconds:.2f} s: {run.tokens_per_second:.1f} tok/s"
     if run.stats is not None:
         gate = f", confidence gate {threshold:g}" if threshold else ""
-        summary += f", tau {run.stats.tau:.2f} (K={run.stats.num_draft_tokens}{gate})"
+        lookup = f", {run.stats.lookup_cycles} cycles by prompt lookup" if args.lookup_tokens else ""
+        summary += f", tau {run.stats.tau:.2f} (K={run.stats.num_draft_tokens}{gate}{lookup})"
     print(f"\n[{'plain' if args.no_fastmtp else 'FastMTP'}] {summary}", file=sys.stderr)
 
 
@@ -144,7 +153,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         runs = {}
         # Alternate which mode goes first so that neither always gets the warmer machine.
         for fastmtp in (False, True) if index % 2 == 0 else (True, False):
-            runs[fastmtp] = timed_generate(model, inputs, fastmtp, **settings)
+            runs[fastmtp] = timed_generate(
+                model, inputs, fastmtp, **settings, **(lookup_kwargs(args) if fastmtp else {})
+            )
         plain, fast = runs[False], runs[True]
         for key, run in (("plain", plain), ("fastmtp", fast)):
             totals[key][0] += len(run.new_token_ids)
@@ -181,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     header = ("prompt", "plain s", "plain tok/s", "FastMTP s", "FastMTP tok/s", "speedup", "tau", "identical")
     print(
         f"\nGreedy, {args.max_new_tokens} new tokens, K={args.num_draft_tokens or model.config.num_draft_tokens}, "
-        f"confidence gate {threshold or 'off'}, "
+        f"confidence gate {threshold or 'off'}, prompt lookup {args.lookup_tokens or 'off'}, "
         f"{model.model.config.name_or_path} on {model.device.type} ({torch.get_num_threads()} threads)\n"
     )
     print(format_table(header, rows))
@@ -212,6 +223,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="stop drafting where the head's top probability falls below P, which can pay where verifying K+1 "
         "tokens costs much more than 1 (default: 0, never)",
+    )
+    parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also look the last tokens up in the prompt and the answer so far, and where the continuation starts "
+        "with the head's first draft, draft up to N tokens of it (default: 0, never)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     add_dtype_argument(parser)

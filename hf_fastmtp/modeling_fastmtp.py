@@ -481,6 +481,11 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
                 Stop drafting a cycle where the head's top probability falls below this; a cycle with no draft is a
                 plain step. Worth it where verifying K+1 tokens costs much more than 1 (CPUs); off by default.
 
+        With `prompt_lookup_num_tokens=N` (Transformers' prompt lookup option) FastMTP also looks the last tokens up in
+        the prompt and the text so far; where the continuation it finds starts with the head's first draft, the cycle
+        drafts up to N tokens of it instead of K from the head: long accepted runs where text is copied (summaries,
+        extraction, RAG). `max_matching_ngram_size` is honoured too. Lossless as well.
+
         After each call `model.last_fastmtp_stats` holds a [`FastMTPStats`] (tau, per-position acceptance,
         draft/verify seconds), or `None` after plain generation.
         """
@@ -528,7 +533,12 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
                 generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )
         generator = FastMTPCandidateGenerator(
-            self, generation_config=generation_config, logits_processor=logits_processor, **request
+            self,
+            generation_config=generation_config,
+            logits_processor=logits_processor,
+            prompt_lookup_num_tokens=generation_config.prompt_lookup_num_tokens,
+            max_matching_ngram_size=generation_config.max_matching_ngram_size,
+            **request,
         )
         self._fastmtp_call.generator = generator
         return generator
@@ -685,11 +695,15 @@ def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfi
             "fastmtp=True needs a dynamic cache (rejected drafts are cropped from it): drop the static "
             "`cache_implementation` / `StaticCache`, or use fastmtp=False."
         )
-    for other in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+    for other in ("assistant_model", "assistant_early_exit"):
         if setting(other) is not None:
             raise ValueError(
                 f"fastmtp=True is a speculative decoding method of its own; it cannot be combined with `{other}`."
             )
+    for lookup_setting in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+        value = setting(lookup_setting)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{lookup_setting}` must be a positive integer, got {value!r}.")
     if setting("use_cache") is False:
         raise ValueError("fastmtp=True needs the KV cache: do not pass use_cache=False.")
 

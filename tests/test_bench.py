@@ -119,6 +119,16 @@ def test_acceptance_of_gated_cycles_and_of_older_records():
     assert summary["draft_ms_per_step"] == pytest.approx(1000 * 0.2 / (8 + 4))
 
 
+def test_lookup_cycles_count_in_tau_not_in_the_heads_acceptance():
+    with_lookup = stats([2, 2], [1, 0], cycles=4)  # two head cycles, and two that drafted by prompt lookup:
+    with_lookup.update(lookup_cycles=2, lookup_drafted=10, lookup_accepted=7)
+    summary = bench.acceptance([with_lookup, stats([2, 2], [2, 1], cycles=2)])
+    assert summary["tau"] == pytest.approx((1 + 3 + 7 + 6) / 6)
+    assert summary["acceptance_cumulative"] == pytest.approx([3 / 4, 1 / 4])
+    assert (summary["lookup_cycles"], summary["lookup_drafted"], summary["lookup_accepted"]) == (2, 10, 7)
+    assert "lookup" in bench.acceptance_table({"by_mode": {FM: {"overall": summary}}})
+
+
 def test_lossless_counts_and_lists_mismatches():
     check = aggregate(RECORDS)["lossless"]
     assert check["compared"] == 5  # FastMTP on questions 1-3, pld on 1-2; question 4 has nothing to compare with
@@ -191,6 +201,9 @@ def test_modes_and_question_selection(tmp_path):
     gated = build_modes(["fastmtp"], [3], ["auto"], confidence_thresholds=[None, 0.5])
     assert [mode.label for mode in gated] == ["ar", "fastmtp-k3-auto", "fastmtp-k3-auto-c0.5"]
     assert gated[2].options == {"num_draft_tokens": 3, "draft_vocab": "auto", "draft_confidence_threshold": 0.5}
+    lookup = build_modes(["fastmtp"], [3], ["auto"], lookup_tokens=[None, 6])
+    assert [mode.label for mode in lookup] == ["ar", "fastmtp-k3-auto", "fastmtp-k3-auto-lookup6"]
+    assert lookup[2].options == {"num_draft_tokens": 3, "draft_vocab": "auto", "prompt_lookup_num_tokens": 6}
 
     path = write_questions(tmp_path / "q.jsonl", categories=("x", "y"), per_category=3)
     chosen = load_questions(path, per_category=2)
@@ -229,7 +242,10 @@ def test_cli_options():
     assert args.func is bench.cmd_bench
     assert args.k == [1, 2] and args.draft_vocab == ["full", 8192, "auto", "zh"]
     assert args.per_category is None and args.pld_tokens == 10 and args.max_new_tokens == 128
-    assert args.confidence_threshold == [None]
+    assert args.confidence_threshold == [None] and args.lookup_tokens == [None]
+    assert parser.parse_args(["bench", "--output", "o", "--lookup-tokens", "0", "6"]).lookup_tokens == [None, 6]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--output", "o", "--lookup-tokens", "-1"])
     gated = parser.parse_args(["bench", "--output", "o", "--confidence-threshold", "0", "0.6"])
     assert gated.confidence_threshold == [None, 0.6]
     with pytest.raises(SystemExit):
@@ -444,6 +460,18 @@ def test_commands_gate_drafting_only_when_told():
     assert resolved(0.0) is None and resolved(0.4) == 0.4
     with pytest.raises(SystemExit, match="between 0 and 1"):
         resolved(1.2)
+
+
+def test_commands_pass_prompt_lookup_to_fastmtp_only_when_told():
+    from hf_fastmtp.cli import build_parser, lookup_kwargs
+
+    def parsed(*options):
+        return build_parser().parse_args(["generate", "hi", *options])
+
+    assert lookup_kwargs(parsed()) == {}
+    assert lookup_kwargs(parsed("--lookup-tokens", "4")) == {"prompt_lookup_num_tokens": 4}
+    with pytest.raises(SystemExit, match="--lookup-tokens"):
+        lookup_kwargs(parsed("--lookup-tokens", "-2"))
 
 
 def test_a_mode_the_model_cannot_run_fails_before_any_record(tiny, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import pytest
 import torch
@@ -198,6 +199,94 @@ def test_confidence_threshold_of_one_is_plain_decoding():
     assert sum(stats.drafted_per_position) == 0 and stats.cycles == 11 and stats.tau == 1.0
 
 
+# ----------------------------------------------------------------------------- prompt lookup
+
+
+def oracle_first_draft(reference: torch.LongTensor):
+    """
+    A `_select_draft` whose most likely token is the true greedy next token: prompt lookup agrees with the head
+    wherever the text so far continues as the model does, so lookup cycles happen on a random tiny model too.
+    """
+    original = FastMTPCandidateGenerator._select_draft
+
+    def select_draft(generator, candidate_ids, head_output):
+        token, logits, confidence = original(generator, candidate_ids, head_output)
+        index = candidate_ids.shape[1]
+        true_token = reference[:, index] if index < reference.shape[1] else token
+        return true_token, logits, confidence
+
+    return select_draft
+
+
+def looping_prompt(length: int = 24, period: int = 5, seed: int = 0) -> torch.LongTensor:
+    """A prompt that repeats itself, so that its last n-grams occur earlier and prompt lookup finds continuations."""
+    return prompt(period, seed=seed).repeat(1, length // period + 1)[:, :length]
+
+
+def test_greedy_identical_with_prompt_lookup(architecture, monkeypatch):
+    lookup_cycles = lookup_drafted = lookup_accepted = 0
+    for seed in range(5):
+        model = tiny_fastmtp(architecture, seed=seed)
+        input_ids = looping_prompt(seed=seed)
+        plain = greedy(model, input_ids, max_new_tokens=40)
+        with monkeypatch.context() as patch:
+            patch.setattr(FastMTPCandidateGenerator, "_select_draft", oracle_first_draft(plain))
+            fast = greedy(model, input_ids, max_new_tokens=40, fastmtp=True, prompt_lookup_num_tokens=6)
+        assert torch.equal(plain, fast), (architecture, seed)
+        stats = model.last_fastmtp_stats
+        assert stats.new_tokens == 1 + stats.cycles + stats.accepted_tokens
+        lookup_cycles += stats.lookup_cycles
+        lookup_drafted += stats.lookup_drafted
+        lookup_accepted += stats.lookup_accepted
+    # Lookup drafted, and its drafts were both accepted and rejected: every path of a lookup cycle ran.
+    assert lookup_cycles > 0 and 0 < lookup_accepted < lookup_drafted
+
+
+def test_prompt_lookup_without_the_heads_agreement_drafts_nothing_from_it(monkeypatch):
+    """Lookup's continuation is only used where it starts with the head's most likely token."""
+    model = tiny_fastmtp("llama")
+    input_ids = looping_prompt()
+    plain = greedy(model, input_ids, max_new_tokens=30)
+    never_agrees = oracle_first_draft((plain + 1) % model.vocab_size)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "_select_draft", never_agrees)
+    fast = greedy(model, input_ids, max_new_tokens=30, fastmtp=True, prompt_lookup_num_tokens=6)
+    assert torch.equal(plain, fast)
+    assert model.last_fastmtp_stats.lookup_cycles == 0
+
+
+def test_prompt_lookup_settings_reach_transformers_lookup(monkeypatch):
+    model = tiny_fastmtp("llama")
+    captured = capture_generator(model, monkeypatch)
+    greedy(model, looping_prompt(), max_new_tokens=4, fastmtp=True)
+    assert captured[-1].prompt_lookup is None
+    greedy(
+        model, looping_prompt(), max_new_tokens=4, fastmtp=True, prompt_lookup_num_tokens=5, max_matching_ngram_size=3
+    )
+    lookup = captured[-1].prompt_lookup
+    assert (lookup.num_output_tokens, lookup.max_matching_ngram_size) == (5, 3)
+
+
+def test_prompt_lookup_drafts_stop_at_max_length(monkeypatch):
+    model = tiny_fastmtp("llama")
+    input_ids = looping_prompt()
+    reference = greedy(model, input_ids, max_new_tokens=30)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "_select_draft", oracle_first_draft(reference))
+    cut_by_max_length = []
+    get_candidates = FastMTPCandidateGenerator.get_candidates
+
+    def spy(generator, input_ids, **kwargs):
+        candidates, logits = get_candidates(generator, input_ids, **kwargs)
+        assert candidates.shape[1] < generator.max_length  # room is left for the verified token
+        cut_by_max_length.append(generator._drafted_by_lookup and candidates.shape[1] == generator.max_length - 1)
+        return candidates, logits
+
+    monkeypatch.setattr(FastMTPCandidateGenerator, "get_candidates", spy)
+    for max_new_tokens in range(1, 30):
+        fast = greedy(model, input_ids, max_new_tokens=max_new_tokens, fastmtp=True, prompt_lookup_num_tokens=10)
+        assert torch.equal(fast, reference[:, : input_ids.shape[1] + max_new_tokens]), max_new_tokens
+    assert any(cut_by_max_length)
+
+
 # ----------------------------------------------------------------------------- caches
 
 
@@ -302,17 +391,19 @@ def chi_square_p_value(samples: torch.Tensor, expected_probs: torch.Tensor) -> f
     return float(chi2.sf(statistic, int(keep.sum()) - 1))
 
 
-def sample_first_tokens(model, input_ids, num_samples: int, num_tokens: int, **kwargs) -> torch.Tensor:
+def sample_first_tokens(model, input_ids, num_samples: int, num_tokens: int, **kwargs) -> tuple[torch.Tensor, Counter]:
+    """The first `num_tokens` of `num_samples` sampled generations, each coded as one int; and the summed stats."""
     vocab_size = model.vocab_size
     torch.manual_seed(1234)
     codes = []
-    accepted_drafts = 0
+    totals = Counter()
     for _ in range(num_samples):
         output = model.generate(input_ids, do_sample=True, max_new_tokens=num_tokens + 1, **kwargs)
-        accepted_drafts += model.last_fastmtp_stats.accepted_tokens if model.last_fastmtp_stats else 0
+        if (stats := model.last_fastmtp_stats) is not None:
+            totals.update(accepted_tokens=stats.accepted_tokens, lookup_cycles=stats.lookup_cycles)
         tokens = output[0, input_ids.shape[1] : input_ids.shape[1] + num_tokens].tolist()
         codes.append(sum(t * vocab_size ** (num_tokens - 1 - i) for i, t in enumerate(tokens)))
-    return torch.tensor(codes), accepted_drafts
+    return torch.tensor(codes), totals
 
 
 SAMPLING_SETTINGS = {
@@ -335,10 +426,8 @@ def test_sampling_distribution_is_preserved(setting):
     model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
     input_ids = torch.tensor([[1, 4, 2]])
     expected = exact_joint_distribution(model, input_ids, 3, warp)
-    samples, accepted_drafts = sample_first_tokens(
-        model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, **kwargs
-    )
-    assert accepted_drafts > 2500 // 4  # drafts are accepted often: the speculative path is what is tested
+    samples, totals = sample_first_tokens(model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, **kwargs)
+    assert totals["accepted_tokens"] > 2500 // 4  # drafts are accepted often: the speculative path is what is tested
     assert chi_square_p_value(samples, expected) > 1e-3
 
 
@@ -348,10 +437,35 @@ def test_sampling_distribution_is_preserved_with_confidence_gating(monkeypatch):
     input_ids = torch.tensor([[1, 4, 2]])
     threshold = median_head_confidence(model, input_ids, monkeypatch, max_new_tokens=4, num_draft_tokens=2)
     expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)
-    samples, accepted_drafts = sample_first_tokens(
+    samples, totals = sample_first_tokens(
         model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, draft_confidence_threshold=threshold
     )
-    assert accepted_drafts > 2500 // 8
+    assert totals["accepted_tokens"] > 2500 // 8
+    assert chi_square_p_value(samples, expected) > 1e-3
+
+
+def test_sampling_distribution_is_preserved_with_prompt_lookup(monkeypatch):
+    """
+    Cycles that draft by lookup carry no q and are verified by sampling and matching; the others keep speculative
+    sampling, which stays exact because the choice between them never reads a sampled draft. An untrained head
+    rarely agrees with lookup, so here it always does: the mix of both kinds of cycle is what is tested.
+    """
+    look_up = FastMTPCandidateGenerator._look_up
+
+    def always_agrees(generator, input_ids, head_token):
+        candidates, _ = generator.prompt_lookup.get_candidates(input_ids)
+        if candidates.shape[1] > input_ids.shape[1]:
+            head_token = candidates[:, input_ids.shape[1]]
+        return look_up(generator, input_ids, head_token)
+
+    monkeypatch.setattr(FastMTPCandidateGenerator, "_look_up", always_agrees)
+    model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
+    input_ids = torch.tensor([[1, 4, 2, 5, 1, 4]])
+    expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)
+    samples, totals = sample_first_tokens(
+        model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, prompt_lookup_num_tokens=3
+    )
+    assert totals["lookup_cycles"] > 2500 // 4 and totals["accepted_tokens"] > 2500 // 4
     assert chi_square_p_value(samples, expected) > 1e-3
 
 

@@ -191,8 +191,11 @@ def test_beam_search_and_other_assistants_are_refused():
     model = tiny_fastmtp("llama")
     with pytest.raises(ValueError, match="beam search"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, num_beams=2)
-    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
-        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, prompt_lookup_num_tokens=3)
+    for bad in ({"prompt_lookup_num_tokens": 0}, {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": -1}):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, **bad)
+    with pytest.raises(ValueError, match="assistant_model"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, assistant_model=tiny_fastmtp("llama"))
 
 
 @pytest.mark.parametrize("fastmtp", [True, False])

@@ -43,6 +43,19 @@ def test_greedy_identical_on_spec_bench(smollm2):
         assert model.last_fastmtp_stats.cycles > 0
 
 
+def test_greedy_identical_with_prompt_lookup_on_copying_prompts(smollm2):
+    model, tokenizer = smollm2
+    questions = [row for row in map(json.loads, SPEC_BENCH.read_text().splitlines()) if row["category"] == "rag"]
+    lookup_accepted = 0
+    for question in questions[:3]:
+        inputs = encode_chat(tokenizer, question["turns"][0])
+        plain = model.generate(**inputs, max_new_tokens=96, do_sample=False)
+        fast = model.generate(**inputs, max_new_tokens=96, do_sample=False, fastmtp=True, prompt_lookup_num_tokens=6)
+        assert torch.equal(plain, fast), question["question_id"]
+        lookup_accepted += model.last_fastmtp_stats.lookup_accepted
+    assert lookup_accepted > 0  # RAG answers copy from their passages: lookup drafts are accepted
+
+
 def test_the_shipped_head_is_trained_and_routes_by_language(smollm2):
     from hf_fastmtp.embedded import SHIPPED_HEAD_DIR
 
@@ -129,3 +142,6 @@ def test_generate_command_streams_the_answer_and_reports_speed():
     assert fast.stdout.strip() and fast.stdout == plain.stdout  # greedy: the same streamed answer
     assert "tok/s" in fast.stderr and "tau" in fast.stderr and "[FastMTP]" in fast.stderr
     assert "[plain]" in plain.stderr
+    looked_up = subprocess.run([*command, "--lookup-tokens", "3"], capture_output=True, text=True, timeout=600)
+    assert looked_up.returncode == 0 and looked_up.stdout == plain.stdout, looked_up.stderr
+    assert "cycles by prompt lookup" in looked_up.stderr
