@@ -39,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
-from .cli import format_table, parse_probability
+from .cli import format_table, parse_lookup_tokens, parse_probability
 from .cpu_kernels import cpu_verification_kernels
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
@@ -154,13 +154,6 @@ def parse_draft_vocab(value: str) -> str | int:
 def parse_confidence_threshold(value: str) -> float | None:
     """A `--confidence-threshold` value: a probability; 0 (None) runs without the gate."""
     return parse_probability(value) or None
-
-
-def parse_lookup_tokens(value: str) -> int | None:
-    """A `--lookup-tokens` value: prompt lookup's tokens per cycle; 0 (None) runs without lookup."""
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a number of tokens (0: no lookup), got {value!r}")
-    return int(value) or None
 
 
 def build_modes(
@@ -597,6 +590,9 @@ def summarize(records: Sequence[dict], reference_seconds: dict) -> dict:
     return summary
 
 
+LOOKUP_COUNTS = ("lookup_cycles", "lookup_drafted", "lookup_accepted")
+
+
 def acceptance(stats: Sequence[dict]) -> dict:
     """tau and per-position acceptance of several generate() calls, from their summed counts."""
     cycles = sum(entry["cycles"] for entry in stats)
@@ -624,9 +620,6 @@ def acceptance(stats: Sequence[dict]) -> dict:
         "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,
         "languages": dict(Counter(entry.get("language") or "unknown" for entry in stats)),
     }
-
-
-LOOKUP_COUNTS = ("lookup_cycles", "lookup_drafted", "lookup_accepted")
 
 
 def _summed_per_position(counts: Iterable[list[int]]) -> list[int]:
@@ -958,13 +951,22 @@ def load_results(folder: str | os.PathLike) -> dict:
 
 
 def fastmtp_lines(runs: dict[str, dict]) -> dict[str, list[dict]]:
-    """`{label: FastMTP overall summaries with their options, by K}`; a run with several vocabularies gets a line each."""
+    """
+    `{label: FastMTP overall summaries with their options, by K}`; a run with several vocabularies, thresholds or
+    lookup lengths gets a line for each.
+    """
     lines: dict[str, list[dict]] = {}
     for label, results in runs.items():
         entries = [entry for entry in results["by_mode"].values() if entry["method"] == "fastmtp"]
-        vocabs = {entry["options"]["draft_vocab"] for entry in entries}
+        keys = {key for entry in entries for key in entry["options"]} - {"num_draft_tokens"}
+        varying = [key for key in sorted(keys) if len({repr(entry["options"].get(key)) for entry in entries}) > 1]
         for entry in entries:
-            name = label if len(vocabs) == 1 else f"{label} ({entry['options']['draft_vocab']})"
+            named = [
+                SWEEP_NAMES.get(key, key + " {}").format(entry["options"][key])
+                for key in varying
+                if key in entry["options"]
+            ]
+            name = f"{label} ({', '.join(named)})" if named else label
             lines.setdefault(name, []).append({**entry["overall"], **entry["options"]})
     return {name: sorted(points, key=lambda point: point["num_draft_tokens"]) for name, points in lines.items()}
 

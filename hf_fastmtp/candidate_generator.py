@@ -137,10 +137,11 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             lower probability; a cycle with no draft is a plain decoding step. The decision never looks at the sampled
             draft itself, so speculative sampling stays exact, and greedy output is unchanged.
         prompt_lookup_num_tokens: also look the last n-gram up in the prompt and the text so far (Transformers'
-            prompt lookup); where its continuation starts with the head's first draft, draft up to this many tokens
-            from it instead of recursing. The head's recursion is weakest where text is copied (summaries, extraction,
-            RAG), which is where lookup is right. Lookup drafts carry no distribution, so `generate` verifies them by
-            sampling and matching, which is exact too.
+            prompt lookup); where its continuation starts with the head's most likely token, draft up to this many
+            tokens from it instead of recursing (the confidence threshold does not apply: agreement is the better
+            signal). The head's recursion is weakest where text is copied (summaries, extraction, RAG), which is where
+            lookup is right. Lookup drafts carry no distribution, so `generate` verifies them by sampling and
+            matching, which is exact too.
         max_matching_ngram_size: the longest n-gram prompt lookup matches (Transformers' default: 2).
     """
 
@@ -179,8 +180,8 @@ class FastMTPCandidateGenerator(CandidateGenerator):
                 num_output_tokens=prompt_lookup_num_tokens,
                 max_matching_ngram_size=max_matching_ngram_size or 2,
                 max_length=self.max_length,
-                logits_processor=self.logits_processor,
-                vocab_size=model.vocab_size,
+                # Not the call's processors: lookup tests tokens against them with constant logits, which makes
+                # top-p or epsilon warpers ban arbitrary tokens; a token they do ban is rejected by verification.
             )
         self.stats = FastMTPStats(
             num_draft_tokens=num_draft_tokens,

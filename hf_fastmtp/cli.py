@@ -91,10 +91,15 @@ def parse_probability(value: str | float) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def parse_lookup_tokens(value: str) -> int | None:
+    """A `--lookup-tokens` value: prompt lookup's tokens per cycle; 0 (None) runs without lookup."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (0: no lookup), got {value!r}")
+    return int(value) or None
+
+
 def lookup_kwargs(args: argparse.Namespace) -> dict:
     """FastMTP's prompt lookup option; never given to plain decoding, where Transformers would run prompt lookup."""
-    if args.lookup_tokens < 0:
-        raise SystemExit("--lookup-tokens must be >= 0 (0: no prompt lookup).")
     return {"prompt_lookup_num_tokens": args.lookup_tokens} if args.lookup_tokens else {}
 
 
@@ -226,11 +231,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lookup-tokens",
-        type=int,
-        default=0,
+        type=parse_lookup_tokens,
         metavar="N",
         help="also look the last tokens up in the prompt and the answer so far, and where the continuation starts "
-        "with the head's first draft, draft up to N tokens of it (default: 0, never)",
+        "with the head's most likely first token, draft up to N tokens of it (default: 0, never)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     add_dtype_argument(parser)

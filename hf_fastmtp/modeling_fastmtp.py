@@ -482,9 +482,9 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
                 plain step. Worth it where verifying K+1 tokens costs much more than 1 (CPUs); off by default.
 
         With `prompt_lookup_num_tokens=N` (Transformers' prompt lookup option) FastMTP also looks the last tokens up in
-        the prompt and the text so far; where the continuation it finds starts with the head's first draft, the cycle
-        drafts up to N tokens of it instead of K from the head: long accepted runs where text is copied (summaries,
-        extraction, RAG). `max_matching_ngram_size` is honoured too. Lossless as well.
+        the prompt and the text so far; where the continuation it finds starts with the head's most likely token, the
+        cycle drafts up to N tokens of it instead of K from the head: long accepted runs where text is copied
+        (summaries, extraction, RAG). `max_matching_ngram_size` is honoured too. Lossless as well.
 
         After each call `model.last_fastmtp_stats` holds a [`FastMTPStats`] (tau, per-position acceptance,
         draft/verify seconds), or `None` after plain generation.

@@ -296,6 +296,19 @@ def test_compare_runs(tmp_path, capsys):
         args.func(parser.parse_args(["compare", "--output", "o", f"missing={tmp_path / 'missing'}"]))
 
 
+def test_compare_keeps_lookup_and_threshold_modes_on_lines_of_their_own():
+    records = [record(0, "a", "ar", [1], 1.0)]
+    for k, extra in itertools.product((1, 2), ({}, {"prompt_lookup_num_tokens": 3})):
+        entry = record(0, "a", f"fastmtp-k{k}-{extra}", [1], 0.5, stats([1] * k, [1] * k, 1))
+        entry["options"] = {"num_draft_tokens": k, "draft_vocab": "auto", **extra}
+        records.append(entry)
+    lines = bench.fastmtp_lines({"head": aggregate(records)})
+    assert {name: [point["num_draft_tokens"] for point in points] for name, points in lines.items()} == {
+        "head": [1, 2],
+        "head (lookup 3)": [1, 2],
+    }
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 WORDS = "give three tips for staying healthy why is the sky blue write a poem about the sea".split()
@@ -470,8 +483,9 @@ def test_commands_pass_prompt_lookup_to_fastmtp_only_when_told():
 
     assert lookup_kwargs(parsed()) == {}
     assert lookup_kwargs(parsed("--lookup-tokens", "4")) == {"prompt_lookup_num_tokens": 4}
-    with pytest.raises(SystemExit, match="--lookup-tokens"):
-        lookup_kwargs(parsed("--lookup-tokens", "-2"))
+    assert lookup_kwargs(parsed("--lookup-tokens", "0")) == {}
+    with pytest.raises(SystemExit):  # refused while parsing, before a model loads
+        parsed("--lookup-tokens", "-2")
 
 
 def test_a_mode_the_model_cannot_run_fails_before_any_record(tiny, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_fastmtp
 from transformers import DynamicCache
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.generation.streamers import BaseStreamer
 
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats
@@ -247,10 +248,19 @@ def test_prompt_lookup_without_the_heads_agreement_drafts_nothing_from_it(monkey
     model = tiny_fastmtp("llama")
     input_ids = looping_prompt()
     plain = greedy(model, input_ids, max_new_tokens=30)
-    never_agrees = oracle_first_draft((plain + 1) % model.vocab_size)
-    monkeypatch.setattr(FastMTPCandidateGenerator, "_select_draft", never_agrees)
+    found = []
+    lookup_candidates = PromptLookupCandidateGenerator.get_candidates
+
+    def spy(lookup, input_ids, **kwargs):
+        candidates, logits = lookup_candidates(lookup, input_ids, **kwargs)
+        found.append(candidates.shape[1] > input_ids.shape[1])
+        return candidates, logits
+
+    monkeypatch.setattr(PromptLookupCandidateGenerator, "get_candidates", spy)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "_select_draft", oracle_first_draft((plain + 1) % model.vocab_size))
     fast = greedy(model, input_ids, max_new_tokens=30, fastmtp=True, prompt_lookup_num_tokens=6)
     assert torch.equal(plain, fast)
+    assert any(found)  # lookup found continuations, and none was used: the head never agreed
     assert model.last_fastmtp_stats.lookup_cycles == 0
 
 
@@ -302,16 +312,23 @@ def capture_generator(model, monkeypatch) -> list[FastMTPCandidateGenerator]:
     return captured
 
 
-def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeypatch):
+@pytest.mark.parametrize("lookup_tokens", [None, 6])
+def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeypatch, lookup_tokens):
     model = tiny_fastmtp(architecture)
+    input_ids = prompt(11) if lookup_tokens is None else looping_prompt()
+    if lookup_tokens is not None:  # cycles of up to 6 lookup drafts, between the head's own
+        reference_output = greedy(model, input_ids, max_new_tokens=30)
+        monkeypatch.setattr(FastMTPCandidateGenerator, "_select_draft", oracle_first_draft(reference_output))
     captured = capture_generator(model, monkeypatch)
-    input_ids = prompt(11)
-    output = greedy(model, input_ids, max_new_tokens=30, fastmtp=True, num_draft_tokens=3)
+    output = greedy(
+        model, input_ids, max_new_tokens=30, fastmtp=True, num_draft_tokens=3, prompt_lookup_num_tokens=lookup_tokens
+    )
     generator = captured[0]
+    assert (generator.stats.lookup_cycles > 0) == (lookup_tokens is not None)
     generator.head_cache.crop(-generator.head_cache_speculative_length)
     verified = generator.head_cache_verified_length
     # Verified pairs cover every position whose successor is known, up to the last cycle's bonus token.
-    assert output.shape[1] - 1 - verified <= 3 + 1
+    assert output.shape[1] - 1 - verified <= max(3, lookup_tokens or 0) + 1
 
     with torch.no_grad():
         hidden = model.model(output, output_hidden_states=-1).hidden_states[-1]
@@ -400,7 +417,9 @@ def sample_first_tokens(model, input_ids, num_samples: int, num_tokens: int, **k
     for _ in range(num_samples):
         output = model.generate(input_ids, do_sample=True, max_new_tokens=num_tokens + 1, **kwargs)
         if (stats := model.last_fastmtp_stats) is not None:
-            totals.update(accepted_tokens=stats.accepted_tokens, lookup_cycles=stats.lookup_cycles)
+            totals.update(
+                cycles=stats.cycles, accepted_tokens=stats.accepted_tokens, lookup_cycles=stats.lookup_cycles
+            )
         tokens = output[0, input_ids.shape[1] : input_ids.shape[1] + num_tokens].tolist()
         codes.append(sum(t * vocab_size ** (num_tokens - 1 - i) for i, t in enumerate(tokens)))
     return torch.tensor(codes), totals
@@ -444,29 +463,42 @@ def test_sampling_distribution_is_preserved_with_confidence_gating(monkeypatch):
     assert chi_square_p_value(samples, expected) > 1e-3
 
 
-def test_sampling_distribution_is_preserved_with_prompt_lookup(monkeypatch):
+def test_sampling_distribution_is_preserved_with_prompt_lookup():
     """
     Cycles that draft by lookup carry no q and are verified by sampling and matching; the others keep speculative
-    sampling, which stays exact because the choice between them never reads a sampled draft. An untrained head
-    rarely agrees with lookup, so here it always does: the mix of both kinds of cycle is what is tested.
+    sampling, which stays exact because the choice between them reads the head's most likely token, never its sample.
+    The prompt is one where this untrained head often agrees with lookup, so both kinds of cycle are common.
     """
-    look_up = FastMTPCandidateGenerator._look_up
-
-    def always_agrees(generator, input_ids, head_token):
-        candidates, _ = generator.prompt_lookup.get_candidates(input_ids)
-        if candidates.shape[1] > input_ids.shape[1]:
-            head_token = candidates[:, input_ids.shape[1]]
-        return look_up(generator, input_ids, head_token)
-
-    monkeypatch.setattr(FastMTPCandidateGenerator, "_look_up", always_agrees)
     model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
-    input_ids = torch.tensor([[1, 4, 2, 5, 1, 4]])
+    input_ids = torch.tensor([[2, 2, 3, 1, 2, 2]])
     expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)
     samples, totals = sample_first_tokens(
         model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, prompt_lookup_num_tokens=3
     )
-    assert totals["lookup_cycles"] > 2500 // 4 and totals["accepted_tokens"] > 2500 // 4
+    assert totals["lookup_cycles"] > 2500 // 4 and totals["cycles"] - totals["lookup_cycles"] > 2500 // 4
     assert chi_square_p_value(samples, expected) > 1e-3
+
+
+def test_sampling_test_detects_lookup_chosen_on_the_sampled_draft(monkeypatch):
+    """Negative control: choosing lookup where it agrees with the *sampled* draft skews the head's q: noticed."""
+    select_draft, look_up = FastMTPCandidateGenerator._select_draft, FastMTPCandidateGenerator._look_up
+
+    def remember_the_sample(self, candidate_ids, head_output):
+        token, logits, confidence = select_draft(self, candidate_ids, head_output)
+        self.sampled_draft = token
+        return token, logits, confidence
+
+    monkeypatch.setattr(FastMTPCandidateGenerator, "_select_draft", remember_the_sample)
+    monkeypatch.setattr(
+        FastMTPCandidateGenerator, "_look_up", lambda self, ids, _: look_up(self, ids, self.sampled_draft)
+    )
+    model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
+    input_ids = torch.tensor([[2, 2, 3, 1, 2, 2]])
+    expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)
+    samples, _ = sample_first_tokens(
+        model, input_ids, 2500, 3, fastmtp=True, num_draft_tokens=2, prompt_lookup_num_tokens=3
+    )
+    assert chi_square_p_value(samples, expected) < 1e-3
 
 
 def test_sampling_test_detects_gating_on_the_sampled_draft(monkeypatch):
