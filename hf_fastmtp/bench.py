@@ -959,7 +959,7 @@ def fastmtp_lines(runs: dict[str, dict]) -> dict[str, list[dict]]:
     for label, results in runs.items():
         entries = [entry for entry in results["by_mode"].values() if entry["method"] == "fastmtp"]
         keys = {key for entry in entries for key in entry["options"]} - {"num_draft_tokens"}
-        varying = [key for key in sorted(keys) if len({repr(entry["options"].get(key)) for entry in entries}) > 1]
+        varying = [key for key in sorted(keys) if len({entry["options"].get(key) for entry in entries}) > 1]
         for entry in entries:
             named = [
                 SWEEP_NAMES.get(key, key + " {}").format(entry["options"][key])
