@@ -32,7 +32,7 @@ from .configuration_fastmtp import (
     check_draft_confidence_threshold,
     check_num_draft_tokens,
 )
-from .cpu_kernels import cpu_verification_kernels
+from .cpu_kernels import cpu_verification_kernels, float16_one_row_products
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
 from .mtp_head import FastMTPHead
 
@@ -515,7 +515,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             "confidence_threshold": draft_confidence_threshold,
         }
         try:
-            with cpu_verification_kernels(self):
+            with cpu_verification_kernels(self), float16_one_row_products(self.head):
                 output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
             stats = self._fastmtp_call.generator.stats
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import Counter
 
@@ -12,7 +13,7 @@ from transformers import DynamicCache
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.generation.streamers import BaseStreamer
 
-from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats
+from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats, modeling_fastmtp
 
 
 def prompt(length: int, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
@@ -315,6 +316,8 @@ def capture_generator(model, monkeypatch) -> list[FastMTPCandidateGenerator]:
 @pytest.mark.parametrize("lookup_tokens", [None, 6])
 def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeypatch, lookup_tokens):
     model = tiny_fastmtp(architecture)
+    # Float32 draft steps, like the one-shot reference: this checks the cache's bookkeeping to float32 rounding.
+    monkeypatch.setattr(modeling_fastmtp, "float16_one_row_products", lambda head: contextlib.nullcontext(0))
     input_ids = prompt(11) if lookup_tokens is None else looping_prompt()
     if lookup_tokens is not None:  # cycles of up to 6 lookup drafts, between the head's own
         reference_output = greedy(model, input_ids, max_new_tokens=30)

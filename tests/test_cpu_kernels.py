@@ -11,11 +11,21 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
-from hf_fastmtp.cpu_kernels import FORCE_GQA_VARIABLE, few_row_linears, native_gqa_attention
+from hf_fastmtp.cpu_kernels import (
+    FLOAT16_WEIGHT,
+    FORCE_GQA_VARIABLE,
+    few_row_linears,
+    float16_one_row_products,
+    native_gqa_attention,
+)
 
 
 def _patched(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if "forward" in vars(module)]
+
+
+def _float16_copies(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if FLOAT16_WEIGHT in vars(module)]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -56,21 +66,53 @@ def test_every_linear_layer_is_patched_and_restored():
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_products_use_float16_copies_only_while_active(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 300, bias=bias)
+    one_row, four_rows = torch.randn(1, 1, 64), torch.randn(1, 4, 64)
+    float32 = {
+        rows: nn.functional.linear(hidden, linear.weight, linear.bias)
+        for rows, hidden in ((1, one_row), (4, four_rows))
+    }
+    float16_bias = None if linear.bias is None else linear.bias.half()
+    float16 = nn.functional.linear(one_row.half(), linear.weight.half(), float16_bias).float()
+    assert not torch.equal(float16, float32[1])  # the two are told apart below
+    with few_row_linears(linear), float16_one_row_products(linear) as applied:
+        assert applied == 1
+        with float16_one_row_products(linear) as nested:
+            assert not nested  # an enclosing call keeps the copies, and drops them
+        output = linear(one_row)
+        assert output.dtype == torch.float32 and torch.equal(output, float16)
+        torch.testing.assert_close(linear(four_rows), float32[4])  # several rows: float32, weight-first
+    assert not _float16_copies(linear) and not _patched(linear)
+    with few_row_linears(linear):
+        assert torch.equal(linear(one_row), float32[1])
+
+
+def test_float16_copies_only_for_float32_linear_layers_on_a_cpu():
+    model = tiny_fastmtp("llama")
+    with float16_one_row_products(model.to(torch.bfloat16).head) as applied:
+        assert not applied and not _float16_copies(model)
+
+
 def test_generate_restores_the_kernels_even_on_error(monkeypatch):
     monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
     model = tiny_fastmtp("llama")
+    head_linears = {name for name, module in model.named_modules() if type(module) is nn.Linear and "mtp" in name}
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
+    assert not _patched(model) and not _float16_copies(model) and FORCE_GQA_VARIABLE not in os.environ
 
     def interrupted(*args, **kwargs):
         assert "forward" in vars(model.get_output_embeddings())  # verification is under way with the few-row kernel
         assert os.environ[FORCE_GQA_VARIABLE] == "1"  # and with native grouped-query attention
+        assert set(_float16_copies(model)) == head_linears  # the head drafts with float16 copies, the base does not
         raise KeyboardInterrupt
 
     monkeypatch.setattr(FastMTPCandidateGenerator, "update_candidate_strategy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
+    assert not _patched(model) and not _float16_copies(model) and FORCE_GQA_VARIABLE not in os.environ
 
 
 def test_only_float32_linear_layers_on_a_cpu():
