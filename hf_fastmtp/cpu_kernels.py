@@ -61,14 +61,8 @@ def few_row_linear(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return output.view(*leading, self.out_features)
 
 
-def _applies(module: nn.Module, replaced_forward_ok: bool = False) -> bool:
-    return (
-        type(module) is nn.Linear
-        and module.weight.device.type == "cpu"
-        and module.weight.dtype == torch.float32
-        # a forward already replaced by someone else (or by an enclosing call) is left alone
-        and (replaced_forward_ok or "forward" not in vars(module))
-    )
+def _is_cpu_float32_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
 
 
 @contextmanager
@@ -78,7 +72,10 @@ def few_row_linears(model: nn.Module) -> Iterator[int]:
     standard kernel is already right). Nothing is copied and the modules are restored on exit, even on error. Yields
     how many layers it applied to.
     """
-    linears = [module for module in model.modules() if _applies(module)]
+    # A forward already replaced by someone else (or by an enclosing call) is left alone.
+    linears = [
+        module for module in model.modules() if _is_cpu_float32_linear(module) and "forward" not in vars(module)
+    ]
     for linear in linears:
         linear.forward = types.MethodType(few_row_linear, linear)
     try:
@@ -98,9 +95,7 @@ def float16_one_row_products(module: nn.Module) -> Iterator[int]:
     entry and dropped on exit, so they never go stale. Yields how many layers it applied to.
     """
     linears = [
-        linear
-        for linear in module.modules()
-        if _applies(linear, replaced_forward_ok=True) and FLOAT16_WEIGHT not in vars(linear)
+        linear for linear in module.modules() if _is_cpu_float32_linear(linear) and FLOAT16_WEIGHT not in vars(linear)
     ]
     for linear in linears:
         setattr(linear, FLOAT16_WEIGHT, linear.weight.detach().to(torch.float16))
