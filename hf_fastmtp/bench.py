@@ -18,6 +18,7 @@ The metric arithmetic (`aggregate`) is a pure function of the records, separate 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,13 +44,16 @@ from .cli import format_table, parse_lookup_tokens, parse_probability
 from .cpu_kernels import cpu_verification_kernels
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
+from .mtp_head import cache_keyword
 from .prompts import encode_chat
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTIONS = Path("..", "shared", "data", "spec_bench.jsonl")
 REFERENCE = "ar"
-METHODS = ("ar", "fastmtp", "pld", "assisted")
+# Plain greedy decoding as Transformers runs it, without this package's CPU kernels: what a user starts from.
+STOCK = "ar-stock"
+METHODS = ("ar", STOCK, "fastmtp", "pld", "assisted")
 DEFAULT_METHODS = ("ar", "fastmtp", "pld")
 SETTINGS_NAME = "settings.json"
 RECORDS_NAME = "records.jsonl"
@@ -81,17 +85,22 @@ class Run:
 
 
 def timed_generate(
-    model: FastMTPForCausalLM, inputs: dict[str, torch.Tensor], fastmtp: bool, **generate_kwargs
+    model: FastMTPForCausalLM,
+    inputs: dict[str, torch.Tensor],
+    fastmtp: bool,
+    cpu_kernels: bool = True,
+    **generate_kwargs,
 ) -> Run:
     """
     One generate() call, timed end to end (prefill included), with the FastMTP stats it left. Every method runs with
-    the CPU kernels FastMTP verifies with (few-row linears, grouped-query attention without copies), so that prompt
-    lookup and assisted decoding are compared on the same footing (plain decoding's one-row steps are unaffected).
+    the CPU kernels FastMTP verifies with (few-row linears, grouped-query attention without copies), so that plain
+    decoding, prompt lookup and assisted decoding are compared on the same footing; `cpu_kernels=False` times plain
+    decoding as Transformers runs it (FastMTP always uses them).
     """
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     start = time.perf_counter()
-    with cpu_verification_kernels(model):
+    with cpu_verification_kernels(model) if cpu_kernels else contextlib.nullcontext():
         output = model.generate(**inputs, fastmtp=fastmtp, **generate_kwargs)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -113,15 +122,16 @@ def forward_cost(
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(model.vocab_size, (1, context + max_new_tokens), generator=generator).to(model.device)
     cache = DynamicCache(config=base.config)
+    cache_kwargs = {cache_keyword(base.forward): cache, "use_cache": True}
     with torch.inference_mode(), cpu_verification_kernels(model):
-        base(input_ids=input_ids[:, :context], past_key_values=cache, use_cache=True)
+        base(input_ids=input_ids[:, :context], **cache_kwargs)
         timings = {n: [] for n in range(1, max_new_tokens + 1)}
         for repeat in range(repeats + 1):  # the first round warms up
             for n in rotated(list(timings), repeat):
                 if model.device.type == "cuda":
                     torch.cuda.synchronize(model.device)
                 start = time.perf_counter()
-                base(input_ids=input_ids[:, context : context + n], past_key_values=cache, use_cache=True)
+                base(input_ids=input_ids[:, context : context + n], **cache_kwargs)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize(model.device)
                 if repeat:
@@ -415,7 +425,9 @@ def _run_pending(
             for mode in pending:
                 bar.set_postfix_str(f"{question['category']} {question['question_id']} {mode.label}")
                 fastmtp, kwargs = _mode_kwargs(mode, assistant_kwargs)
-                result = timed_generate(model, inputs, fastmtp, **generate_kwargs, **kwargs)
+                result = timed_generate(
+                    model, inputs, fastmtp, cpu_kernels=mode.method != STOCK, **generate_kwargs, **kwargs
+                )
                 record = {
                     "question_id": question["question_id"],
                     "category": question["category"],
@@ -1070,7 +1082,8 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=METHODS,
         help=f"what to compare (default: {' '.join(DEFAULT_METHODS)}, plus assisted with --assistant); "
-        f"{REFERENCE} always runs, as the reference for speedup and the lossless check",
+        f"{REFERENCE} always runs, as the reference for speedup and the lossless check; {STOCK} is plain decoding "
+        "without this package's CPU kernels (Transformers as is)",
     )
     parser.add_argument(
         "--k", type=int, nargs="+", metavar="K", help="FastMTP drafts per cycle, one run each (default: the head's)"

@@ -8,7 +8,9 @@ in every linear layer. Taken weight-first, `W @ x.T` with x padded to 4 rows, th
 row does. So while FastMTP generates on a CPU, the float32 linear layers compute 2-4 row products that way: for
 SmolLM2-135M a 4-token forward drops from ~1.7x to ~1.1x the cost of a 1-token one (2 threads). It is the same
 arithmetic in another order: outputs agree to float32 rounding, like those of any two BLAS kernels, and decoding stays
-exact (every greedy identity test runs through it).
+exact (every greedy identity test runs through it). Some CPUs run even one-row products faster that way, where MKL's
+matrix-vector kernel keeps to one core: that is timed once per model and process (`one_row_products_weight_first`),
+so plain decoding under these kernels (the bench's baseline) is as fast as this CPU allows too.
 
 Attention has the same kind of cost. For grouped-query attention, Transformers' SDPA path first copies every key and
 value head `num_key_value_groups` times (`repeat_kv`) whenever a mask is given, which a K+1-token verification
@@ -22,8 +24,10 @@ verifies in its own dtype, so the output does not change.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,16 +42,20 @@ PADDED_ROWS = 4  # MKL's weight-first product is fastest at 4 columns; beyond th
 FORCE_GQA_VARIABLE = "TRANSFORMERS_SDPA_FORCE_GQA"
 # Where `float16_one_row_products` keeps a layer's float16 copies while it is active.
 FLOAT16_WEIGHT, FLOAT16_BIAS = "_fastmtp_float16_weight", "_fastmtp_float16_bias"
+# More weights than a CPU cache holds: one-row products over them run at memory speed, as in a real model's forward.
+MEMORY_BOUND_BYTES = 64 * 2**20
+# (threads, probed weight shapes) -> whether one-row products are faster weight-first: timed once per process.
+_one_row_weight_first: dict[tuple, bool] = {}
 
 
-def few_row_linear(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+def few_row_linear(self: nn.Linear, input: torch.Tensor, min_rows: int = 2) -> torch.Tensor:
     # Called ~200 times per forward, so its own overhead counts: sparing a slice and a reshape took ~3 ms off a pass.
     *leading, in_features = input.shape
     rows = math.prod(leading)
     if rows == 1 and (float16_weight := vars(self).get(FLOAT16_WEIGHT)) is not None:
         float16_bias = vars(self)[FLOAT16_BIAS]
         return nn.functional.linear(input.to(torch.float16), float16_weight, float16_bias).to(input.dtype)
-    if not 2 <= rows <= PADDED_ROWS:
+    if not min_rows <= rows <= PADDED_ROWS:
         return nn.functional.linear(input, self.weight, self.bias)
     flat = input.reshape(rows, in_features)
     if rows == PADDED_ROWS:  # K=3's four-row verification: no padding copy, no slice
@@ -68,21 +76,64 @@ def _is_cpu_float32_linear(module: nn.Module) -> bool:
 @contextmanager
 def few_row_linears(model: nn.Module) -> Iterator[int]:
     """
-    While active, the model's float32 `nn.Linear` layers on a CPU compute 2-4 row products weight-first (elsewhere the
-    standard kernel is already right). Nothing is copied and the modules are restored on exit, even on error. Yields
-    how many layers it applied to.
+    While active, the model's float32 `nn.Linear` layers on a CPU compute 2-4 row products weight-first, and one-row
+    products too where that is faster on this CPU (`one_row_products_weight_first`); elsewhere the standard kernel is
+    already right. Nothing is copied and the modules are restored on exit, even on error. Yields how many layers it
+    applied to.
     """
     # A forward already replaced by someone else (or by an enclosing call) is left alone.
     linears = [
         module for module in model.modules() if _is_cpu_float32_linear(module) and "forward" not in vars(module)
     ]
+    forward = functools.partial(few_row_linear, min_rows=1 if one_row_products_weight_first(model) else 2)
     for linear in linears:
-        linear.forward = types.MethodType(few_row_linear, linear)
+        linear.forward = types.MethodType(forward, linear)
     try:
         yield len(linears)
     finally:
         for linear in linears:
             del linear.forward
+
+
+def one_row_products_weight_first(model: nn.Module) -> bool:
+    """
+    Whether this CPU computes the model's one-row products (plain decoding's) faster weight-first, padded to 4 rows,
+    than with the standard matrix-vector kernel. That depends on the CPU: MKL's matrix-vector kernel may stay on one
+    core where the padded product uses every thread (a 2-core AVX-512 EPYC: SmolLM2-135M's one-token forward 39 ->
+    26 ms), or be as fast (a 2-core AVX2 EPYC). Timed once per process, thread count and model, on the model's own
+    weights. A model whose linear layers fit in a CPU cache keeps the standard kernel, faster on cached weights.
+    """
+    probed, probed_bytes = [], 0
+    for module in model.modules():
+        if _is_cpu_float32_linear(module):
+            probed.append(module)
+            probed_bytes += module.weight.nbytes
+            if probed_bytes >= MEMORY_BOUND_BYTES:
+                break
+    else:
+        return False
+    key = (torch.get_num_threads(), tuple(linear.weight.shape for linear in probed))
+    if key not in _one_row_weight_first:
+        _one_row_weight_first[key] = _weight_first_is_faster(probed)
+    return _one_row_weight_first[key]
+
+
+def _weight_first_is_faster(linears: list[nn.Linear], rounds: int = 3) -> bool:
+    """Times one-row products over `linears`, in a forward's order, with either kernel in turn; best of `rounds`."""
+    inputs = {linear.in_features: torch.ones(1, linear.in_features) for linear in linears}
+    seconds = {"standard": [], "weight_first": []}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for kernel, timings in seconds.items():
+                start = time.perf_counter()
+                for linear in linears:
+                    if kernel == "standard":
+                        nn.functional.linear(inputs[linear.in_features], linear.weight, linear.bias)
+                    else:
+                        few_row_linear(linear, inputs[linear.in_features], min_rows=1)
+                timings.append(time.perf_counter() - start)
+    # Only a clear win replaces the standard kernel.
+    return min(seconds["weight_first"]) < 0.9 * min(seconds["standard"])
 
 
 @contextmanager
@@ -134,9 +185,9 @@ def native_gqa_attention(model: nn.Module) -> Iterator[bool]:
 
 @contextmanager
 def cpu_verification_kernels(model: nn.Module) -> Iterator[None]:
-    """Both of the above: what FastMTP verifies and drafts with, and what the bench runs every method with."""
+    """Both of the above: what FastMTP verifies and drafts with, and the bench runs every mode but `ar-stock` with."""
     with few_row_linears(model), native_gqa_attention(model):
         yield
 
 
-__all__ = ["cpu_verification_kernels", "few_row_linears", "native_gqa_attention"]
+__all__ = ["cpu_verification_kernels", "few_row_linears", "native_gqa_attention", "one_row_products_weight_first"]

@@ -37,6 +37,7 @@ from transformers import (
 
 from .embedded import load_base
 from .jsonl import append_rows, iter_json_lines, iter_rows, read_rows, write_json
+from .mtp_head import cache_keyword
 from .prompts import encode_chat
 
 logger = logging.getLogger(__name__)
@@ -501,6 +502,7 @@ def _answer(
     # Positions count real tokens only, as in `generate`, so a left-padded row sees the positions it would alone.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
+    cache_argument = {cache_keyword(model.forward): cache}
     eos_set = set(eos_ids)
     responses: list[list[int]] = [[] for _ in batch]
     active = list(range(len(batch)))  # batch rows still answering, in the order of the cache's rows
@@ -510,9 +512,9 @@ def _answer(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_argument,
             ).logits[:, -1]
             next_tokens = choose(logits)
             ongoing = []  # indices into `active` of the rows whose answer goes on

@@ -34,7 +34,7 @@ from .configuration_fastmtp import (
 )
 from .cpu_kernels import cpu_verification_kernels, float16_one_row_products
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
-from .mtp_head import FastMTPHead
+from .mtp_head import FastMTPHead, cache_keyword
 
 HEAD_WEIGHTS_NAME = "model.safetensors"
 HEAD_PREFIX = "mtp_layers.0."
@@ -86,6 +86,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             self.head_config, "sliding_window", None
         )
         self._head_mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
+        self._head_mask_cache_keyword = cache_keyword(self._head_mask_function)
         self.generation_config = GenerationConfig.from_dict(base_model.generation_config.to_dict())
         self.last_fastmtp_stats: FastMTPStats | None = None
         # Language -> token ids (most frequent first) that drafting may be restricted to; "all" is the overall map.
@@ -304,19 +305,20 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
-        """The base model's forward, unchanged: FastMTP only changes how `generate` proposes tokens."""
+        """
+        The base model's forward, unchanged: FastMTP only changes how `generate` proposes tokens. The KV cache passes
+        through `kwargs` under whichever name the base takes (`cache`, or `past_key_values` before Transformers 5.24).
+        """
         return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -351,8 +353,8 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             config=self.head_config,
             inputs_embeds=token_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{self._head_mask_cache_keyword: past_key_values},
         )
         return self.head(hidden_states, token_embeddings, position_embeddings, position_ids, mask, past_key_values)
 
@@ -688,8 +690,8 @@ def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfi
         )
     if (setting("num_beams") or 1) > 1:
         raise ValueError("fastmtp=True supports greedy decoding and sampling, not beam search: set num_beams=1.")
-    if setting("cache_implementation") in ("static", "hybrid", "sliding_window", "offloaded_static") or isinstance(
-        kwargs.get("past_key_values"), StaticCache
+    if setting("cache_implementation") in ("static", "hybrid", "sliding_window", "offloaded_static") or any(
+        isinstance(kwargs.get(name), StaticCache) for name in ("cache", "past_key_values")
     ):
         raise ValueError(
             "fastmtp=True needs a dynamic cache (rejected drafts are cropped from it): drop the static "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -34,6 +37,7 @@ class FastMTPHead(nn.Module):
             self.add_module(name, module)
         # Kept outside the module tree (a plain list): the layer only lends its forward, its weights are ours above.
         self._decoder_layer = [decoder_layer]
+        self._cache_keyword = cache_keyword(decoder_layer_class.forward)
         self.final_layernorm = norm_class(hidden_size, eps=config.rms_norm_eps)
 
     def forward(
@@ -52,12 +56,20 @@ class FastMTPHead(nn.Module):
             x,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             position_embeddings=position_embeddings,
+            **{self._cache_keyword: past_key_values},
         )
         if isinstance(x, tuple):  # some decoder layers still return (hidden_states, ...)
             x = x[0]
         return self.final_layernorm(x)
 
 
-__all__ = ["FastMTPHead"]
+def cache_keyword(function: Callable) -> str:
+    """
+    The keyword `function` takes a KV cache by: `cache` since Transformers 5.24, `past_key_values` before it (and in
+    remote code written for earlier versions). Passing the other one works until 5.40, with a warning.
+    """
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+__all__ = ["FastMTPHead", "cache_keyword"]

@@ -381,6 +381,26 @@ def test_end_to_end_writes_every_output(tiny, tmp_path):
     assert "## Verification cost on this hardware" in text and "| relative to n = 1 | 1.00x |" in text
 
 
+def test_stock_plain_decoding_runs_without_the_cpu_kernels(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    entered = []
+    kernels = bench.cpu_verification_kernels
+    monkeypatch.setattr(bench, "cpu_verification_kernels", lambda model: entered.append(1) or kernels(model))
+    questions = write_questions(tmp_path / "q.jsonl")
+    results = run_bench(
+        model,
+        tokenizer,
+        tmp_path / "out",
+        questions=questions,
+        methods=["ar-stock"],
+        max_new_tokens=12,
+        progress=False,
+    )
+    assert results["modes"] == ["ar", "ar-stock"]
+    assert len(entered) == 4  # one per prompt: the runs of `ar` only
+    assert results["lossless"] == {"compared": 4, "mismatches": [], "identical": True}
+
+
 def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     output, questions = tmp_path / "out", write_questions(tmp_path / "q.jsonl")

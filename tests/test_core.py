@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_fastmtp
+from conftest import needs_transformers_5_23, tiny_fastmtp
 from transformers import DynamicCache
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.generation.streamers import BaseStreamer
@@ -363,6 +363,7 @@ def test_head_never_recomputes_the_prefix(monkeypatch):
     assert len(calls) == sum(stats.drafted_per_position) == stats.head_steps  # one extend + K-1 recursive steps
 
 
+@needs_transformers_5_23
 def test_verification_keeps_only_the_last_hidden_state(monkeypatch):
     model = tiny_fastmtp("llama")
     seen = []

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_fastmtp
+from conftest import ARCHITECTURES, needs_transformers_5_23, tiny_fastmtp
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
@@ -18,6 +18,7 @@ from hf_fastmtp.cpu_kernels import (
     float16_one_row_products,
     native_gqa_attention,
 )
+from hf_fastmtp.mtp_head import cache_keyword
 
 
 def _patched(model: nn.Module) -> list[str]:
@@ -49,6 +50,42 @@ def test_two_to_four_rows_take_the_padded_weight_first_product(monkeypatch):
         for rows in (1, 2, 3, 4, 5):
             linear(torch.randn(1, rows, 16))
     assert products == [((8, 16), (16, cpu_kernels.PADDED_ROWS))] * 3
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_weight_first_product_matches_the_standard_kernel(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 300, bias=bias)
+    for shape in [(1, 1), (1,), (1, 1, 1)]:
+        hidden = torch.randn(*shape, 64)
+        output = cpu_kernels.few_row_linear(linear, hidden, min_rows=1)
+        assert output.shape == (*shape, 300) and output.is_contiguous()
+        torch.testing.assert_close(output, nn.functional.linear(hidden, linear.weight, linear.bias))
+
+
+@pytest.mark.parametrize("faster", [False, True])
+def test_one_row_products_go_weight_first_where_the_probe_times_it_faster(faster, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MEMORY_BOUND_BYTES", 1)  # these small layers stand in for a large model's
+    monkeypatch.setattr(cpu_kernels, "_one_row_weight_first", {})
+    probes = []
+    monkeypatch.setattr(cpu_kernels, "_weight_first_is_faster", lambda linears: probes.append(linears) or faster)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 16))
+    products = []
+    mm = torch.mm
+    monkeypatch.setattr(cpu_kernels.torch, "mm", lambda a, b: products.append(a.shape) or mm(a, b))
+    for _ in range(2):
+        with few_row_linears(model):
+            output = model(torch.ones(1, 16))
+    assert probes == [[model[0]]]  # timed once, on the first layers up to MEMORY_BOUND_BYTES
+    assert products == ([(8, 16), (16, 8)] * 2 if faster else [])
+    torch.testing.assert_close(output, model[1](model[0](torch.ones(1, 16))))
+
+
+def test_models_that_fit_in_a_cache_keep_the_standard_one_row_kernel(monkeypatch):
+    # The probe itself: both kernels over real layers, a decision either way.
+    assert cpu_kernels._weight_first_is_faster([nn.Linear(64, 64), nn.Linear(64, 32, bias=False)]) in (False, True)
+    monkeypatch.setattr(cpu_kernels, "_weight_first_is_faster", lambda linears: pytest.fail("timed a small model"))
+    assert not cpu_kernels.one_row_products_weight_first(tiny_fastmtp("llama"))
 
 
 def test_every_linear_layer_is_patched_and_restored():
@@ -140,6 +177,7 @@ def test_bench_runs_every_method_with_the_few_row_kernels(monkeypatch):
     assert patched_during_call == [True, True] and not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
 
 
+@needs_transformers_5_23
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
     monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
@@ -148,9 +186,9 @@ def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
     input_ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(0))
 
     def verification_logits() -> torch.Tensor:
-        cache = DynamicCache(config=base.config)
-        base(input_ids=input_ids[:, :36], past_key_values=cache, use_cache=True)  # past the sliding windows (16)
-        return base(input_ids=input_ids[:, 36:], past_key_values=cache, use_cache=True).logits
+        cache = {cache_keyword(base.forward): DynamicCache(config=base.config), "use_cache": True}
+        base(input_ids=input_ids[:, :36], **cache)  # past the sliding windows (16)
+        return base(input_ids=input_ids[:, 36:], **cache).logits
 
     grouped_calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 
 import pytest
 import torch
-from conftest import tiny_base, tiny_fastmtp
+from conftest import ARCHITECTURES, tiny_base, tiny_fastmtp
 from safetensors.torch import load_file
 from transformers import StaticCache
 
@@ -178,13 +180,26 @@ def test_batch_is_refused_with_a_way_out():
     assert model.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=3).shape == (2, 5)
 
 
-def test_static_cache_is_refused():
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])  # Transformers >= 5.24, and its former name
+def test_static_cache_is_refused(cache_name):
     model = tiny_fastmtp("llama")
     with pytest.raises(ValueError, match="dynamic cache"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, cache_implementation="static")
     cache = StaticCache(config=model.config.text_config, max_cache_len=16)
     with pytest.raises(ValueError, match="dynamic cache"):
-        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, past_key_values=cache)
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, **{cache_name: cache})
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_cache_goes_by_the_name_transformers_takes(architecture, caplog):
+    # Transformers 5.24 renamed `past_key_values` to `cache` and warns wherever the old name still arrives.
+    model = tiny_fastmtp(architecture)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        for fastmtp in (False, True):
+            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False, fastmtp=fastmtp)
+    messages = [str(warning.message) for warning in caught] + caplog.messages
+    assert not [message for message in messages if "past_key_values" in message]
 
 
 def test_beam_search_and_other_assistants_are_refused():
