@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table, parse_lookup_tokens, parse_probability
-from .cpu_kernels import cpu_verification_kernels
+from .cpu_kernels import cpu_verification_kernels, one_row_products_weight_first
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .mtp_head import cache_keyword
@@ -412,8 +412,12 @@ def _run_pending(
             fastmtp, kwargs = _mode_kwargs(mode, assistant_kwargs)
             # Also fails fast, before the long run, on a mode the model cannot run (e.g. an unknown draft vocabulary).
             try:
-                model.generate(
-                    **warm_up, fastmtp=fastmtp, **{**generate_kwargs, **kwargs, "max_new_tokens": WARM_UP_TOKENS}
+                timed_generate(
+                    model,
+                    warm_up,
+                    fastmtp,
+                    cpu_kernels=mode.method != STOCK,
+                    **{**generate_kwargs, **kwargs, "max_new_tokens": WARM_UP_TOKENS},
                 )
             except ValueError as error:
                 raise BenchError(f"Mode {mode.label} cannot run: {error}") from error
@@ -494,6 +498,8 @@ def hardware_info(model: PreTrainedModel) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        # Whether `ar` (plain decoding under the CPU kernels) computes its one-row products weight-first here.
+        "one_row_weight_first": one_row_products_weight_first(model),
     }
 
 
@@ -802,7 +808,9 @@ def lossless_line(results: dict) -> str:
 def hardware_line(hardware: dict) -> str:
     return (
         f"**Hardware**: {hardware['cpu']}, device {hardware['device']}, torch threads {hardware['threads']}, "
-        f"torch {hardware['torch']}, transformers {hardware['transformers']}."
+        f"torch {hardware['torch']}, transformers {hardware['transformers']}"
+        + (", one-row products weight-first" if hardware.get("one_row_weight_first") else "")
+        + "."
     )
 
 

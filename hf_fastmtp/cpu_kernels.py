@@ -25,16 +25,19 @@ verifies in its own dtype, so the output does not change.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers.utils import is_torch_greater_or_equal
+
+logger = logging.getLogger(__name__)
 
 PADDED_ROWS = 4  # MKL's weight-first product is fastest at 4 columns; beyond them the standard kernel is as good
 # Transformers' own switch (read at every attention call, transformers >= 5.23): SDPA with `enable_gqa` even when a
@@ -42,8 +45,11 @@ PADDED_ROWS = 4  # MKL's weight-first product is fastest at 4 columns; beyond th
 FORCE_GQA_VARIABLE = "TRANSFORMERS_SDPA_FORCE_GQA"
 # Where `float16_one_row_products` keeps a layer's float16 copies while it is active.
 FLOAT16_WEIGHT, FLOAT16_BIAS = "_fastmtp_float16_weight", "_fastmtp_float16_bias"
-# More weights than a CPU cache holds: one-row products over them run at memory speed, as in a real model's forward.
+# A heuristic: more weights than most CPU caches hold, so that one-row products over them run at memory speed, as in
+# a real model's forward (a CPU with a larger cache may time them cached, and keep the standard kernel).
 MEMORY_BOUND_BYTES = 64 * 2**20
+# "1" or "0": always or never compute one-row products weight-first, without timing them.
+ONE_ROW_WEIGHT_FIRST_VARIABLE = "HF_FASTMTP_ONE_ROW_WEIGHT_FIRST"
 # (threads, probed weight shapes) -> whether one-row products are faster weight-first: timed once per process.
 _one_row_weight_first: dict[tuple, bool] = {}
 
@@ -101,11 +107,16 @@ def one_row_products_weight_first(model: nn.Module) -> bool:
     than with the standard matrix-vector kernel. That depends on the CPU: MKL's matrix-vector kernel may stay on one
     core where the padded product uses every thread (a 2-core AVX-512 EPYC: SmolLM2-135M's one-token forward 39 ->
     26 ms), or be as fast (a 2-core AVX2 EPYC). Timed once per process, thread count and model, on the model's own
-    weights. A model whose linear layers fit in a CPU cache keeps the standard kernel, faster on cached weights.
+    weights, unless `HF_FASTMTP_ONE_ROW_WEIGHT_FIRST` is 1 or 0. A model whose linear layers fit in a CPU cache keeps
+    the standard kernel, faster on cached weights.
     """
+    if (setting := os.environ.get(ONE_ROW_WEIGHT_FIRST_VARIABLE)) is not None:
+        if setting not in ("0", "1"):
+            raise ValueError(f"{ONE_ROW_WEIGHT_FIRST_VARIABLE} must be 1 or 0 (or unset: timed), got {setting!r}.")
+        return setting == "1"
     probed, probed_bytes = [], 0
     for module in model.modules():
-        if _is_cpu_float32_linear(module):
+        if _is_cpu_float32_linear(module) and FLOAT16_WEIGHT not in vars(module):
             probed.append(module)
             probed_bytes += module.weight.nbytes
             if probed_bytes >= MEMORY_BOUND_BYTES:
@@ -114,25 +125,38 @@ def one_row_products_weight_first(model: nn.Module) -> bool:
         return False
     key = (torch.get_num_threads(), tuple(linear.weight.shape for linear in probed))
     if key not in _one_row_weight_first:
-        _one_row_weight_first[key] = _weight_first_is_faster(probed)
+        _one_row_weight_first[key] = faster = _weight_first_is_faster(probed)
+        logger.info(
+            "One-row products %s weight-first on this CPU (timed over %d linear layers, %d threads; %s=1 or 0 "
+            "decides instead).",
+            "run faster" if faster else "do not run faster",
+            len(probed),
+            key[0],
+            ONE_ROW_WEIGHT_FIRST_VARIABLE,
+        )
     return _one_row_weight_first[key]
 
 
-def _weight_first_is_faster(linears: list[nn.Linear], rounds: int = 3) -> bool:
-    """Times one-row products over `linears`, in a forward's order, with either kernel in turn; best of `rounds`."""
+def _weight_first_is_faster(
+    linears: list[nn.Linear], rounds: int = 10, clock: Callable[[], float] = time.perf_counter
+) -> bool:
+    """
+    Times one-row products over `linears`, in a forward's order, with either kernel in turn for `rounds` rounds, and
+    compares each kernel's best round: another process on a core only ever adds time (and more to the kernel that uses
+    every thread), so the best rounds are the kernels' own speed. Only a clear win (10%) replaces the standard kernel.
+    """
     inputs = {linear.in_features: torch.ones(1, linear.in_features) for linear in linears}
     seconds = {"standard": [], "weight_first": []}
     with torch.no_grad():
         for _ in range(rounds):
             for kernel, timings in seconds.items():
-                start = time.perf_counter()
+                start = clock()
                 for linear in linears:
                     if kernel == "standard":
                         nn.functional.linear(inputs[linear.in_features], linear.weight, linear.bias)
                     else:
                         few_row_linear(linear, inputs[linear.in_features], min_rows=1)
-                timings.append(time.perf_counter() - start)
-    # Only a clear win replaces the standard kernel.
+                timings.append(clock() - start)
     return min(seconds["weight_first"]) < 0.9 * min(seconds["standard"])
 
 

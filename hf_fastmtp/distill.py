@@ -502,7 +502,7 @@ def _answer(
     # Positions count real tokens only, as in `generate`, so a left-padded row sees the positions it would alone.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    cache_argument = {cache_keyword(model.forward): cache}
+    cache_kwargs = {cache_keyword(model.forward): cache}
     eos_set = set(eos_ids)
     responses: list[list[int]] = [[] for _ in batch]
     active = list(range(len(batch)))  # batch rows still answering, in the order of the cache's rows
@@ -514,7 +514,7 @@ def _answer(
                 position_ids=position_ids,
                 use_cache=True,
                 logits_to_keep=1,
-                **cache_argument,
+                **cache_kwargs,
             ).logits[:, -1]
             next_tokens = choose(logits)
             ongoing = []  # indices into `active` of the rows whose answer goes on

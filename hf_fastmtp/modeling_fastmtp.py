@@ -313,7 +313,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
     ):
         """
         The base model's forward, unchanged: FastMTP only changes how `generate` proposes tokens. The KV cache passes
-        through `kwargs` under whichever name the base takes (`cache`, or `past_key_values` before Transformers 5.24).
+        through `kwargs` under the name `generate` gives it (`cache` since Transformers 5.24, `past_key_values` before).
         """
         return self.model(
             input_ids=input_ids,

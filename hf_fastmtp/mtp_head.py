@@ -67,7 +67,8 @@ class FastMTPHead(nn.Module):
 def cache_keyword(function: Callable) -> str:
     """
     The keyword `function` takes a KV cache by: `cache` since Transformers 5.24, `past_key_values` before it (and in
-    remote code written for earlier versions). Passing the other one works until 5.40, with a warning.
+    remote code written for earlier versions). Transformers' own functions still take the other name until 5.40, with
+    a warning; remote code may not.
     """
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 

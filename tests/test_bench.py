@@ -376,6 +376,7 @@ def test_end_to_end_writes_every_output(tiny, tmp_path):
     text = (output / "results.md").read_text()
     assert "**Lossless**: yes, all 12 outputs are identical to `ar`." in text
     assert "**Hardware**:" in text and "| overall" in text and "k=2" in text
+    assert results["hardware"]["one_row_weight_first"] is False  # a model this small is never timed
     # Verification cost: one base forward over n = 1..K+1 new tokens, for the largest K run.
     assert list(results["forward_ms"]) == [1, 2, 3] and all(ms > 0 for ms in results["forward_ms"].values())
     assert "## Verification cost on this hardware" in text and "| relative to n = 1 | 1.00x |" in text
@@ -397,7 +398,7 @@ def test_stock_plain_decoding_runs_without_the_cpu_kernels(tiny, tmp_path, monke
         progress=False,
     )
     assert results["modes"] == ["ar", "ar-stock"]
-    assert len(entered) == 4  # one per prompt: the runs of `ar` only
+    assert len(entered) == 1 + 4  # `ar` only: its warm-up and one run per prompt
     assert results["lossless"] == {"compared": 4, "mismatches": [], "identical": True}
 
 
@@ -411,10 +412,16 @@ def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
 
     calls = []
     original = bench.timed_generate
-    monkeypatch.setattr(bench, "timed_generate", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+
+    def timed_generate(*args, **kwargs):
+        calls.append(kwargs["max_new_tokens"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "timed_generate", timed_generate)
     resumed = run_bench(model, tokenizer, output, questions=questions, **RUN)
 
-    assert len(calls) == 4  # only the missing records were produced
+    # Only the missing records were produced (after a warm-up for each mode they need).
+    assert calls.count(RUN["max_new_tokens"]) == 4 and calls.count(bench.WARM_UP_TOKENS) <= len(MODES)
     new_lines = (output / "records.jsonl").read_bytes().splitlines(keepends=True)
     assert new_lines[:12] == lines[:12] and len(new_lines) == 16
     assert {(r["question_id"], r["mode"]) for r in read_records(output)} == {

@@ -14,6 +14,7 @@ from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
 from hf_fastmtp.cpu_kernels import (
     FLOAT16_WEIGHT,
     FORCE_GQA_VARIABLE,
+    ONE_ROW_WEIGHT_FIRST_VARIABLE,
     few_row_linears,
     float16_one_row_products,
     native_gqa_attention,
@@ -29,8 +30,10 @@ def _float16_copies(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if FLOAT16_WEIGHT in vars(module)]
 
 
+@pytest.mark.parametrize("one_row_weight_first", ["0", "1"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_same_output_as_the_standard_kernel_for_every_row_count(bias):
+def test_same_output_as_the_standard_kernel_for_every_row_count(bias, one_row_weight_first, monkeypatch):
+    monkeypatch.setenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, one_row_weight_first)
     torch.manual_seed(0)
     linear = nn.Linear(64, 300, bias=bias)
     for shape in [(1, 1), (1, 2), (1, 3), (2, 2), (1, 4), (4, 1), (1, 5), (1, 40), (3,)]:
@@ -52,19 +55,9 @@ def test_two_to_four_rows_take_the_padded_weight_first_product(monkeypatch):
     assert products == [((8, 16), (16, cpu_kernels.PADDED_ROWS))] * 3
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_one_row_weight_first_product_matches_the_standard_kernel(bias):
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 300, bias=bias)
-    for shape in [(1, 1), (1,), (1, 1, 1)]:
-        hidden = torch.randn(*shape, 64)
-        output = cpu_kernels.few_row_linear(linear, hidden, min_rows=1)
-        assert output.shape == (*shape, 300) and output.is_contiguous()
-        torch.testing.assert_close(output, nn.functional.linear(hidden, linear.weight, linear.bias))
-
-
 @pytest.mark.parametrize("faster", [False, True])
 def test_one_row_products_go_weight_first_where_the_probe_times_it_faster(faster, monkeypatch):
+    monkeypatch.delenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, raising=False)
     monkeypatch.setattr(cpu_kernels, "MEMORY_BOUND_BYTES", 1)  # these small layers stand in for a large model's
     monkeypatch.setattr(cpu_kernels, "_one_row_weight_first", {})
     probes = []
@@ -82,10 +75,53 @@ def test_one_row_products_go_weight_first_where_the_probe_times_it_faster(faster
 
 
 def test_models_that_fit_in_a_cache_keep_the_standard_one_row_kernel(monkeypatch):
-    # The probe itself: both kernels over real layers, a decision either way.
-    assert cpu_kernels._weight_first_is_faster([nn.Linear(64, 64), nn.Linear(64, 32, bias=False)]) in (False, True)
+    monkeypatch.delenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, raising=False)
     monkeypatch.setattr(cpu_kernels, "_weight_first_is_faster", lambda linears: pytest.fail("timed a small model"))
     assert not cpu_kernels.one_row_products_weight_first(tiny_fastmtp("llama"))
+
+
+@pytest.mark.parametrize(("weight_first_seconds", "faster"), [(0.85, True), (0.95, False)])
+def test_the_probe_wants_a_clear_win_of_the_best_rounds(weight_first_seconds, faster):
+    # Rounds alternate standard, weight-first; one stalled weight-first round (5 s) must not decide anything.
+    durations = iter([1.0, weight_first_seconds, 1.0, 5.0, 1.0, weight_first_seconds])
+    now = [0.0]
+
+    def clock():  # called at the start and the end of each timed round
+        if clock.started:
+            now[0] += next(durations)
+        clock.started = not clock.started
+        return now[0]
+
+    clock.started = False
+    linears = [nn.Linear(8, 8), nn.Linear(8, 4, bias=False)]
+    assert cpu_kernels._weight_first_is_faster(linears, rounds=3, clock=clock) is faster
+    assert cpu_kernels._weight_first_is_faster(linears, rounds=1) in (False, True)  # and on a real clock
+
+
+def test_the_one_row_setting_decides_without_timing(monkeypatch):
+    monkeypatch.setattr(
+        cpu_kernels, "_weight_first_is_faster", lambda linears: pytest.fail("timed despite the setting")
+    )
+    model = tiny_fastmtp("llama")
+    for setting, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, setting)
+        assert cpu_kernels.one_row_products_weight_first(model) is expected
+    monkeypatch.setenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, "yes")
+    with pytest.raises(ValueError, match=f"{ONE_ROW_WEIGHT_FIRST_VARIABLE} must be 1 or 0"):
+        cpu_kernels.one_row_products_weight_first(model)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_greedy_output_is_unchanged_with_one_row_products_weight_first(architecture, monkeypatch):
+    from hf_fastmtp.bench import timed_generate
+
+    monkeypatch.setenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, "1")
+    model = tiny_fastmtp(architecture)
+    inputs = {"input_ids": torch.tensor([[5, 9, 2, 7, 5, 9, 3]])}
+    settings = {"max_new_tokens": 24, "do_sample": False}
+    stock = model.generate(**inputs, **settings)[0, 7:].tolist()
+    assert timed_generate(model, inputs, fastmtp=False, **settings).new_token_ids == stock
+    assert timed_generate(model, inputs, fastmtp=True, **settings).new_token_ids == stock
 
 
 def test_every_linear_layer_is_patched_and_restored():
@@ -158,7 +194,7 @@ def test_only_float32_linear_layers_on_a_cpu():
         assert not applied and not _patched(model)
 
 
-def test_bench_runs_every_method_with_the_few_row_kernels(monkeypatch):
+def test_bench_runs_every_method_but_stock_plain_decoding_with_the_few_row_kernels(monkeypatch):
     from hf_fastmtp.bench import timed_generate
 
     model = tiny_fastmtp("llama")
@@ -174,7 +210,9 @@ def test_bench_runs_every_method_with_the_few_row_kernels(monkeypatch):
     monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
     timed_generate(model, inputs, fastmtp=False, max_new_tokens=4, prompt_lookup_num_tokens=3)
     timed_generate(model, inputs, fastmtp=True, max_new_tokens=4)
-    assert patched_during_call == [True, True] and not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
+    timed_generate(model, inputs, fastmtp=False, cpu_kernels=False, max_new_tokens=4)
+    assert patched_during_call == [True, True, False]
+    assert not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
 
 
 @needs_transformers_5_23
@@ -186,9 +224,9 @@ def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
     input_ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(0))
 
     def verification_logits() -> torch.Tensor:
-        cache = {cache_keyword(base.forward): DynamicCache(config=base.config), "use_cache": True}
-        base(input_ids=input_ids[:, :36], **cache)  # past the sliding windows (16)
-        return base(input_ids=input_ids[:, 36:], **cache).logits
+        cache_kwargs = {cache_keyword(base.forward): DynamicCache(config=base.config), "use_cache": True}
+        base(input_ids=input_ids[:, :36], **cache_kwargs)  # past the sliding windows (16)
+        return base(input_ids=input_ids[:, 36:], **cache_kwargs).logits
 
     grouped_calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
