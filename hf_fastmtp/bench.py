@@ -413,11 +413,7 @@ def _run_pending(
             # Also fails fast, before the long run, on a mode the model cannot run (e.g. an unknown draft vocabulary).
             try:
                 timed_generate(
-                    model,
-                    warm_up,
-                    fastmtp,
-                    cpu_kernels=mode.method != STOCK,
-                    **{**generate_kwargs, **kwargs, "max_new_tokens": WARM_UP_TOKENS},
+                    model, warm_up, fastmtp, **{**generate_kwargs, **kwargs, "max_new_tokens": WARM_UP_TOKENS}
                 )
             except ValueError as error:
                 raise BenchError(f"Mode {mode.label} cannot run: {error}") from error
@@ -429,9 +425,7 @@ def _run_pending(
             for mode in pending:
                 bar.set_postfix_str(f"{question['category']} {question['question_id']} {mode.label}")
                 fastmtp, kwargs = _mode_kwargs(mode, assistant_kwargs)
-                result = timed_generate(
-                    model, inputs, fastmtp, cpu_kernels=mode.method != STOCK, **generate_kwargs, **kwargs
-                )
+                result = timed_generate(model, inputs, fastmtp, **generate_kwargs, **kwargs)
                 record = {
                     "question_id": question["question_id"],
                     "category": question["category"],
@@ -448,9 +442,11 @@ def _run_pending(
 
 
 def _mode_kwargs(mode: Mode, assistant_kwargs: dict) -> tuple[bool, dict]:
-    """`(fastmtp, generate() arguments)` for a mode."""
+    """`(fastmtp, timed_generate() arguments)` for a mode."""
     if mode.method == "assisted":
         return False, assistant_kwargs
+    if mode.method == STOCK:
+        return False, {"cpu_kernels": False}
     return mode.method == "fastmtp", dict(mode.options)
 
 

@@ -91,7 +91,9 @@ def few_row_linears(model: nn.Module) -> Iterator[int]:
     linears = [
         module for module in model.modules() if _is_cpu_float32_linear(module) and "forward" not in vars(module)
     ]
-    forward = functools.partial(few_row_linear, min_rows=1 if one_row_products_weight_first(model) else 2)
+    # Only asked when there is something to patch: nested calls and accelerator models never walk the probe.
+    one_row = bool(linears) and one_row_products_weight_first(model)
+    forward = functools.partial(few_row_linear, min_rows=1 if one_row else 2)
     for linear in linears:
         linear.forward = types.MethodType(forward, linear)
     try:
