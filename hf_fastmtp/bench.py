@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table, parse_lookup_tokens, parse_probability
-from .cpu_kernels import cpu_verification_kernels, one_row_products_weight_first
+from .cpu_kernels import cpu_verification_kernels, draft_weights_int8, one_row_products_weight_first
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .mtp_head import cache_keyword
@@ -496,6 +496,8 @@ def hardware_info(model: PreTrainedModel) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         # Whether `ar` (plain decoding under the CPU kernels) computes its one-row products weight-first here.
         "one_row_weight_first": one_row_products_weight_first(model),
+        # Whether FastMTP's draft steps read int8 copies of the head's weights here (float16 ones otherwise).
+        "int8_draft_weights": draft_weights_int8(model.head),
     }
 
 
@@ -806,6 +808,7 @@ def hardware_line(hardware: dict) -> str:
         f"**Hardware**: {hardware['cpu']}, device {hardware['device']}, torch threads {hardware['threads']}, "
         f"torch {hardware['torch']}, transformers {hardware['transformers']}"
         + (", one-row products weight-first" if hardware.get("one_row_weight_first") else "")
+        + (", int8 draft weights" if hardware.get("int8_draft_weights") else "")
         + "."
     )
 

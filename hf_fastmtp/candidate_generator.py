@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.utils import ModelOutput
 
+    from .cpu_kernels import DraftWeight
     from .modeling_fastmtp import FastMTPForCausalLM
 
 
@@ -23,8 +24,7 @@ class DraftVocabulary:
 
     name: str
     token_ids: torch.LongTensor
-    lm_head_weight: torch.Tensor
-    lm_head_bias: torch.Tensor | None = None
+    lm_head: DraftWeight
     source_dtype: torch.dtype | None = None  # the model's lm_head dtype; the rows may be kept in a cheaper one
 
     @property

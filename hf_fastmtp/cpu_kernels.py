@@ -17,9 +17,10 @@ value head `num_key_value_groups` times (`repeat_kv`) whenever a mask is given, 
 forward with a cache always has: a copy of the whole KV cache in every layer (SmolLM2-135M: 3x, 110 MB at 800
 tokens). PyTorch's CPU kernel takes the grouped heads as they are (`enable_gqa`) and computes the very same numbers.
 
-A draft step is a one-row forward of the head, memory-bound like any: its products read float16 copies of the head's
-weights, as the draft vocabulary's lm_head rows already are (`draft_rows_dtype`). Drafts only choose what the model
-verifies in its own dtype, so the output does not change.
+A draft step is a one-row forward of the head, memory-bound like any: its products read compact copies of the head's
+weights and of the draft vocabulary's lm_head rows (`DraftWeight`): int8 rows with a scale each, where this CPU runs
+PyTorch's int8 weight-only product faster (timed once per process, `draft_weights_int8`), float16 copies otherwise.
+Drafts only choose what the model verifies in its own dtype, so the output does not change.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -43,24 +45,65 @@ PADDED_ROWS = 4  # MKL's weight-first product is fastest at 4 columns; beyond th
 # Transformers' own switch (read at every attention call, transformers >= 5.23): SDPA with `enable_gqa` even when a
 # mask is given. Off by default because GPU kernels then fall back to the math kernel; on a CPU it is the fast one.
 FORCE_GQA_VARIABLE = "TRANSFORMERS_SDPA_FORCE_GQA"
-# Where `float16_one_row_products` keeps a layer's float16 copies while it is active.
-FLOAT16_WEIGHT, FLOAT16_BIAS = "_fastmtp_float16_weight", "_fastmtp_float16_bias"
+# Where `compact_draft_weights` keeps a layer's `DraftWeight` while it is active.
+DRAFT_WEIGHT = "_fastmtp_draft_weight"
 # A heuristic: more weights than most CPU caches hold, so that one-row products over them run at memory speed, as in
 # a real model's forward (a CPU with a larger cache may time them cached, and keep the standard kernel).
 MEMORY_BOUND_BYTES = 64 * 2**20
 # "1" or "0": always or never compute one-row products weight-first, without timing them.
 ONE_ROW_WEIGHT_FIRST_VARIABLE = "HF_FASTMTP_ONE_ROW_WEIGHT_FIRST"
+# "int8" or "float16": the draft steps' weights, without timing them.
+DRAFT_WEIGHTS_VARIABLE = "HF_FASTMTP_DRAFT_WEIGHTS"
+# PyTorch's int8 weight-only CPU kernel computes wrong numbers, or crashes, unless rows are a multiple of 16 long.
+INT8_ROW_MULTIPLE = 16
 # (threads, probed weight shapes) -> whether one-row products are faster weight-first: timed once per process.
 _one_row_weight_first: dict[tuple, bool] = {}
+# (threads, head weight shapes) -> whether draft steps are faster on int8 weights: timed once per process.
+_int8_draft_weights: dict[tuple, bool] = {}
+
+
+class DraftWeight(NamedTuple):
+    """
+    A linear layer's weights as draft steps read them: a copy in a cheaper dtype (`scales` None), or int8 rows with
+    a bfloat16 scale each, for PyTorch's int8 weight-only product (activations in bfloat16).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scales: torch.Tensor | None = None
+
+    @classmethod
+    def compact(cls, weight: torch.Tensor, bias: torch.Tensor | None, int8: bool) -> DraftWeight:
+        """int8 rows (symmetric, one scale per output row) or float16 copies of float32 weights."""
+        weight = weight.detach()
+        bias = None if bias is None else bias.detach()
+        if not int8:
+            return cls(weight.to(torch.float16), None if bias is None else bias.to(torch.float16))
+        # Rounded to bfloat16 first, so that the rows are quantized with the very scales the product multiplies by.
+        scales = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
+        rows = torch.round(weight / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(rows, None if bias is None else bias.to(torch.bfloat16), scales)
+
+
+def draft_linear(input: torch.Tensor, draft: DraftWeight) -> torch.Tensor:
+    """`input @ W.T + b` with a `DraftWeight`, returned in the input's dtype."""
+    if draft.scales is None:
+        return nn.functional.linear(input.to(draft.weight.dtype), draft.weight, draft.bias).to(input.dtype)
+    *leading, in_features = input.shape
+    flat = input.reshape(-1, in_features).to(torch.bfloat16)
+    output = torch._weight_int8pack_mm(flat, draft.weight, draft.scales)
+    if draft.bias is not None:
+        output += draft.bias
+    return output.view(*leading, draft.weight.shape[0]).to(input.dtype)
 
 
 def few_row_linear(self: nn.Linear, input: torch.Tensor, min_rows: int = 2) -> torch.Tensor:
     # Called ~200 times per forward, so its own overhead counts: sparing a slice and a reshape took ~3 ms off a pass.
     *leading, in_features = input.shape
     rows = math.prod(leading)
-    if rows == 1 and (float16_weight := vars(self).get(FLOAT16_WEIGHT)) is not None:
-        float16_bias = vars(self)[FLOAT16_BIAS]
-        return nn.functional.linear(input.to(torch.float16), float16_weight, float16_bias).to(input.dtype)
+    # int8 draft weights serve every row count (the head's first step and its prefill too); float16 ones, one row.
+    if (draft := vars(self).get(DRAFT_WEIGHT)) is not None and (rows == 1 or draft.scales is not None):
+        return draft_linear(input, draft)
     if not min_rows <= rows <= PADDED_ROWS:
         return nn.functional.linear(input, self.weight, self.bias)
     flat = input.reshape(rows, in_features)
@@ -118,7 +161,7 @@ def one_row_products_weight_first(model: nn.Module) -> bool:
         return setting == "1"
     probed, probed_bytes = [], 0
     for module in model.modules():
-        if _is_cpu_float32_linear(module) and FLOAT16_WEIGHT not in vars(module):
+        if _is_cpu_float32_linear(module) and DRAFT_WEIGHT not in vars(module):
             probed.append(module)
             probed_bytes += module.weight.nbytes
             if probed_bytes >= MEMORY_BOUND_BYTES:
@@ -142,47 +185,108 @@ def one_row_products_weight_first(model: nn.Module) -> bool:
 def _weight_first_is_faster(
     linears: list[nn.Linear], rounds: int = 10, clock: Callable[[], float] = time.perf_counter
 ) -> bool:
-    """
-    Times one-row products over `linears`, in a forward's order, with either kernel in turn for `rounds` rounds, and
-    compares each kernel's best round: another process on a core only ever adds time (and more to the kernel that uses
-    every thread), so the best rounds are the kernels' own speed. Only a clear win (10%) replaces the standard kernel.
-    """
+    """Whether one-row products over `linears` are clearly (10%) faster weight-first (`_best_rounds`)."""
     inputs = {linear.in_features: torch.ones(1, linear.in_features) for linear in linears}
-    seconds = {"standard": [], "weight_first": []}
+
+    def standard():
+        for linear in linears:
+            nn.functional.linear(inputs[linear.in_features], linear.weight, linear.bias)
+
+    def weight_first():
+        for linear in linears:
+            few_row_linear(linear, inputs[linear.in_features], min_rows=1)
+
+    seconds = _best_rounds({"standard": standard, "weight_first": weight_first}, rounds, clock)
+    return seconds["weight_first"] < 0.9 * seconds["standard"]
+
+
+def _best_rounds(kernels: dict[str, Callable[[], None]], rounds: int, clock: Callable[[], float]) -> dict[str, float]:
+    """
+    Times each kernel in turn for `rounds` rounds and returns each one's best round: another process on a core only
+    ever adds time (and more to a kernel that uses every thread), so the best rounds are the kernels' own speed.
+    """
+    seconds = {name: math.inf for name in kernels}
     with torch.no_grad():
         for _ in range(rounds):
-            for kernel, timings in seconds.items():
+            for name, kernel in kernels.items():
                 start = clock()
-                for linear in linears:
-                    if kernel == "standard":
-                        nn.functional.linear(inputs[linear.in_features], linear.weight, linear.bias)
-                    else:
-                        few_row_linear(linear, inputs[linear.in_features], min_rows=1)
-                timings.append(clock() - start)
-    return min(seconds["weight_first"]) < 0.9 * min(seconds["standard"])
+                kernel()
+                seconds[name] = min(seconds[name], clock() - start)
+    return seconds
+
+
+def draft_weights_int8(head: nn.Module) -> bool:
+    """
+    Whether the head drafts with int8 weights (`DraftWeight`) rather than float16 copies. Both are memory-bound
+    one-row products; PyTorch's int8 weight-only kernel reads half the bytes and, on CPUs with native bfloat16
+    (a 2-core AVX-512 EPYC: SmolLM2's head 0.67 -> 0.39 ms per draft step, cold), computes faster too; elsewhere it
+    may not. Timed once per process, thread count and head, unless `HF_FASTMTP_DRAFT_WEIGHTS` is int8 or float16.
+    """
+    if (setting := os.environ.get(DRAFT_WEIGHTS_VARIABLE)) is not None:
+        if setting not in ("int8", "float16"):
+            raise ValueError(f"{DRAFT_WEIGHTS_VARIABLE} must be int8 or float16 (or unset: timed), got {setting!r}.")
+        return setting == "int8" and _int8_product_applies(head)
+    if not _int8_product_applies(head):
+        return False
+    linears = [module for module in head.modules() if _is_cpu_float32_linear(module)]
+    key = (torch.get_num_threads(), tuple(linear.weight.shape for linear in linears))
+    if key not in _int8_draft_weights:
+        try:
+            faster = _int8_is_faster(linears)
+        except (NotImplementedError, RuntimeError):  # a PyTorch build without the kernel for this CPU
+            faster = False
+        _int8_draft_weights[key] = faster
+        logger.info("Draft steps use %s weights on this CPU (timed).", "int8" if faster else "float16")
+    return _int8_draft_weights[key]
+
+
+def _int8_product_applies(head: nn.Module) -> bool:
+    """A float32 head on a CPU whose rows all suit PyTorch's int8 weight-only kernel."""
+    linears = [module for module in head.modules() if type(module) is nn.Linear]
+    return (
+        hasattr(torch, "_weight_int8pack_mm")
+        and bool(linears)
+        and all(_is_cpu_float32_linear(linear) and linear.in_features % INT8_ROW_MULTIPLE == 0 for linear in linears)
+    )
+
+
+def _int8_is_faster(
+    linears: list[nn.Linear], rounds: int = 10, clock: Callable[[], float] = time.perf_counter
+) -> bool:
+    """Whether one-row products over `linears` are clearly (10%) faster on int8 weights than on float16 copies."""
+    copies = {
+        int8: [DraftWeight.compact(linear.weight, linear.bias, int8) for linear in linears] for int8 in (False, True)
+    }
+    inputs = {linear.in_features: torch.ones(1, linear.in_features) for linear in linears}
+
+    def kernel(int8: bool) -> Callable[[], None]:
+        return lambda: [draft_linear(inputs[draft.weight.shape[1]], draft) for draft in copies[int8]]
+
+    seconds = _best_rounds({"float16": kernel(False), "int8": kernel(True)}, rounds, clock)
+    return seconds["int8"] < 0.9 * seconds["float16"]
 
 
 @contextmanager
-def float16_one_row_products(module: nn.Module) -> Iterator[int]:
+def compact_draft_weights(head: nn.Module) -> Iterator[int]:
     """
-    While active, and while `few_row_linears` is, the module's float32 linear layers on a CPU compute one-row products
-    with float16 copies of their weights: a one-row product is memory-bound, so half the bytes take about half the time
-    (the SmolLM2 head's layers: 1.43 -> 0.68 ms per draft step). Only for modules whose numbers choose drafts (the
-    FastMTP head): the model verifies every draft in its own dtype, so output does not change. The copies are made on
-    entry and dropped on exit, so they never go stale. Yields how many layers it applied to.
+    While active, and while `few_row_linears` is, the head's float32 linear layers on a CPU compute with compact
+    copies of their weights (`DraftWeight`): int8 ones for every row count where `draft_weights_int8` says so,
+    float16 ones for one-row products otherwise (a one-row product is memory-bound: half the bytes, about half the
+    time; the SmolLM2 head's layers: 1.43 -> 0.68 ms per draft step). Only for modules whose numbers choose drafts
+    (the FastMTP head): the model verifies every draft in its own dtype, so output does not change. The copies are
+    made on entry and dropped on exit, so they never go stale. Yields how many layers it applied to.
     """
     linears = [
-        linear for linear in module.modules() if _is_cpu_float32_linear(linear) and FLOAT16_WEIGHT not in vars(linear)
+        linear for linear in head.modules() if _is_cpu_float32_linear(linear) and DRAFT_WEIGHT not in vars(linear)
     ]
+    int8 = bool(linears) and draft_weights_int8(head)
     for linear in linears:
-        setattr(linear, FLOAT16_WEIGHT, linear.weight.detach().to(torch.float16))
-        setattr(linear, FLOAT16_BIAS, None if linear.bias is None else linear.bias.detach().to(torch.float16))
+        setattr(linear, DRAFT_WEIGHT, DraftWeight.compact(linear.weight, linear.bias, int8))
     try:
         yield len(linears)
     finally:
         for linear in linears:
-            delattr(linear, FLOAT16_WEIGHT)
-            delattr(linear, FLOAT16_BIAS)
+            delattr(linear, DRAFT_WEIGHT)
 
 
 @contextmanager
@@ -216,4 +320,13 @@ def cpu_verification_kernels(model: nn.Module) -> Iterator[None]:
         yield
 
 
-__all__ = ["cpu_verification_kernels", "few_row_linears", "native_gqa_attention", "one_row_products_weight_first"]
+__all__ = [
+    "DraftWeight",
+    "compact_draft_weights",
+    "cpu_verification_kernels",
+    "draft_linear",
+    "draft_weights_int8",
+    "few_row_linears",
+    "native_gqa_attention",
+    "one_row_products_weight_first",
+]

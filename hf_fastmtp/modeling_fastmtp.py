@@ -14,7 +14,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -32,7 +31,7 @@ from .configuration_fastmtp import (
     check_draft_confidence_threshold,
     check_num_draft_tokens,
 )
-from .cpu_kernels import cpu_verification_kernels, float16_one_row_products
+from .cpu_kernels import DraftWeight, compact_draft_weights, cpu_verification_kernels, draft_linear, draft_weights_int8
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
 from .mtp_head import FastMTPHead, cache_keyword
 
@@ -365,8 +364,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         if vocabulary is None:
             logits = lm_head(head_output)
         else:
-            weight = vocabulary.lm_head_weight
-            logits = F.linear(head_output.to(weight.dtype), weight, vocabulary.lm_head_bias).to(head_output.dtype)
+            logits = draft_linear(head_output, vocabulary.lm_head)
         softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -395,18 +393,23 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         if not 0 < size <= token_ids.numel():
             raise ValueError(f"Draft vocabulary {name!r} has {token_ids.numel()} tokens; cannot take the top {size}.")
         lm_head = self.get_output_embeddings()
-        rows_dtype = draft_rows_dtype(lm_head.weight)
+        # On a CPU the head's product with these rows is memory-bound: they are kept as compact as the head's own
+        # draft weights (int8 or float16, `compact_draft_weights`): a fraction of float32's time per draft step.
+        compact = lm_head.weight.device.type == "cpu" and lm_head.weight.dtype == torch.float32
+        int8 = compact and draft_weights_int8(self.head)
         cached = self._draft_vocab_cache.get((name, size))
-        # A cached slice is reused until the model moves to another device or dtype.
+        # A cached slice is reused until the model moves to another device or dtype, or drafting changes format.
         if (
             cached is None
-            or cached.lm_head_weight.device != lm_head.weight.device
+            or cached.lm_head.weight.device != lm_head.weight.device
             or cached.source_dtype != lm_head.weight.dtype
+            or (cached.lm_head.scales is not None) != int8
         ):
             ids = token_ids[:size].to(lm_head.weight.device)
-            bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[ids].detach().to(rows_dtype)
-            weight = lm_head.weight[ids].detach().to(rows_dtype)
-            cached = DraftVocabulary(name, ids, weight, bias, source_dtype=lm_head.weight.dtype)
+            weight = lm_head.weight[ids].detach()
+            bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[ids].detach()
+            rows = DraftWeight.compact(weight, bias, int8) if compact else DraftWeight(weight, bias)
+            cached = DraftVocabulary(name, ids, rows, source_dtype=lm_head.weight.dtype)
             self._draft_vocab_cache[(name, size)] = cached
         return cached
 
@@ -517,7 +520,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             "confidence_threshold": draft_confidence_threshold,
         }
         try:
-            with cpu_verification_kernels(self), float16_one_row_products(self.head):
+            with cpu_verification_kernels(self), compact_draft_weights(self.head):
                 output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
             stats = self._fastmtp_call.generator.stats
         finally:
@@ -708,18 +711,6 @@ def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfi
             raise ValueError(f"`{lookup_setting}` must be a positive integer, got {value!r}.")
     if setting("use_cache") is False:
         raise ValueError("fastmtp=True needs the KV cache: do not pass use_cache=False.")
-
-
-def draft_rows_dtype(lm_head_weight: torch.Tensor) -> torch.dtype:
-    """
-    The dtype to keep a draft vocabulary's lm_head rows in. On a CPU, the head's product with them is memory-bound:
-    float16 rows take a third of float32's time (SmolLM2's 8192 x 576: 0.6 against 1.9 ms per draft, ~4% of a K=3
-    cycle). Drafts only need the head's top tokens, and every draft is verified by the model in its own dtype, so
-    the output does not change; when sampling, the draft distribution q is the one computed from these rows.
-    """
-    if lm_head_weight.device.type == "cpu" and lm_head_weight.dtype == torch.float32:
-        return torch.float16
-    return lm_head_weight.dtype
 
 
 def head_rope_layer_type(rotary_embedding: nn.Module, base_config) -> str | None:

@@ -14,6 +14,7 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 from transformers.generation.streamers import BaseStreamer
 
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats, modeling_fastmtp
+from hf_fastmtp.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
 
 
 def prompt(length: int, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
@@ -317,7 +318,7 @@ def capture_generator(model, monkeypatch) -> list[FastMTPCandidateGenerator]:
 def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeypatch, lookup_tokens):
     model = tiny_fastmtp(architecture)
     # Float32 draft steps, like the one-shot reference: this checks the cache's bookkeeping to float32 rounding.
-    monkeypatch.setattr(modeling_fastmtp, "float16_one_row_products", lambda head: contextlib.nullcontext(0))
+    monkeypatch.setattr(modeling_fastmtp, "compact_draft_weights", lambda head: contextlib.nullcontext(0))
     input_ids = prompt(11) if lookup_tokens is None else looping_prompt()
     if lookup_tokens is not None:  # cycles of up to 6 lookup drafts, between the head's own
         reference_output = greedy(model, input_ids, max_new_tokens=30)
@@ -435,8 +436,10 @@ SAMPLING_SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("draft_weights", ["float16", "int8"])
 @pytest.mark.parametrize("setting", SAMPLING_SETTINGS)
-def test_sampling_distribution_is_preserved(setting):
+def test_sampling_distribution_is_preserved(setting, draft_weights, monkeypatch):
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, draft_weights)  # q comes from the head's compact weights
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
     kwargs, warp = SAMPLING_SETTINGS[setting]

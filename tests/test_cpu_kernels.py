@@ -12,11 +12,15 @@ from transformers.cache_utils import DynamicCache
 
 from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
 from hf_fastmtp.cpu_kernels import (
-    FLOAT16_WEIGHT,
+    DRAFT_WEIGHT,
+    DRAFT_WEIGHTS_VARIABLE,
     FORCE_GQA_VARIABLE,
     ONE_ROW_WEIGHT_FIRST_VARIABLE,
+    DraftWeight,
+    compact_draft_weights,
+    draft_linear,
+    draft_weights_int8,
     few_row_linears,
-    float16_one_row_products,
     native_gqa_attention,
 )
 from hf_fastmtp.mtp_head import cache_keyword
@@ -26,8 +30,8 @@ def _patched(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if "forward" in vars(module)]
 
 
-def _float16_copies(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if FLOAT16_WEIGHT in vars(module)]
+def _draft_copies(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if DRAFT_WEIGHT in vars(module)]
 
 
 @pytest.mark.parametrize("one_row_weight_first", ["0", "1"])
@@ -111,11 +115,13 @@ def test_the_one_row_setting_decides_without_timing(monkeypatch):
         cpu_kernels.one_row_products_weight_first(model)
 
 
+@pytest.mark.parametrize("draft_weights", ["float16", "int8"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_greedy_output_is_unchanged_with_one_row_products_weight_first(architecture, monkeypatch):
+def test_greedy_output_is_unchanged_with_one_row_products_weight_first(architecture, draft_weights, monkeypatch):
     from hf_fastmtp.bench import timed_generate
 
     monkeypatch.setenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, "1")
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, draft_weights)
     model = tiny_fastmtp(architecture)
     inputs = {"input_ids": torch.tensor([[5, 9, 2, 7, 5, 9, 3]])}
     settings = {"max_new_tokens": 24, "do_sample": False}
@@ -140,7 +146,8 @@ def test_every_linear_layer_is_patched_and_restored():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_row_products_use_float16_copies_only_while_active(bias):
+def test_one_row_products_use_float16_copies_only_while_active(bias, monkeypatch):
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "float16")
     torch.manual_seed(0)
     linear = nn.Linear(64, 300, bias=bias)
     one_row, four_rows = torch.randn(1, 1, 64), torch.randn(1, 4, 64)
@@ -151,22 +158,83 @@ def test_one_row_products_use_float16_copies_only_while_active(bias):
     float16_bias = None if linear.bias is None else linear.bias.half()
     float16 = nn.functional.linear(one_row.half(), linear.weight.half(), float16_bias).float()
     assert not torch.equal(float16, float32[1])  # the two are told apart below
-    with few_row_linears(linear), float16_one_row_products(linear) as applied:
+    with few_row_linears(linear), compact_draft_weights(linear) as applied:
         assert applied == 1
-        with float16_one_row_products(linear) as nested:
+        with compact_draft_weights(linear) as nested:
             assert not nested  # an enclosing call keeps the copies, and drops them
         output = linear(one_row)
         assert output.dtype == torch.float32 and torch.equal(output, float16)
         torch.testing.assert_close(linear(four_rows), float32[4])  # several rows: float32, weight-first
-    assert not _float16_copies(linear) and not _patched(linear)
+    assert not _draft_copies(linear) and not _patched(linear)
     with few_row_linears(linear):
         assert torch.equal(linear(one_row), float32[1])
 
 
-def test_float16_copies_only_for_float32_linear_layers_on_a_cpu():
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_draft_weights_serve_every_row_count_while_active(bias, monkeypatch):
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "int8")
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 300, bias=bias)
+    int8 = DraftWeight.compact(linear.weight, linear.bias, int8=True)
+    with few_row_linears(linear), compact_draft_weights(linear) as applied:
+        assert applied == 1
+        for rows in (1, 3, 4, 40):
+            hidden = torch.randn(2, rows, 64)
+            output = linear(hidden)
+            assert output.dtype == torch.float32 and torch.equal(output, draft_linear(hidden, int8))
+            float32 = nn.functional.linear(hidden, linear.weight, linear.bias)
+            assert (output - float32).norm() < 0.02 * float32.norm()  # int8 rows, bfloat16 activations: ~1%
+    assert not _draft_copies(linear) and not _patched(linear)
+
+
+def test_int8_draft_weights_quantize_each_row_with_its_own_scale():
+    weight = torch.tensor([[0.5, -1.0, 0.25, 0.0], [100.0, 50.0, -25.0, 1.0]]).repeat(1, 4)
+    int8 = DraftWeight.compact(weight, torch.tensor([1.0, 2.0]), int8=True)
+    assert int8.weight.dtype == torch.int8 and int8.scales.dtype == int8.bias.dtype == torch.bfloat16
+    assert int8.weight.abs().amax(dim=1).tolist() == [127, 127]  # each row uses the whole int8 range
+    # Each weight within half a step of its row's scale (and bfloat16's rounding of that scale at the row's maximum).
+    error = (int8.weight.float() * int8.scales.float()[:, None] - weight).abs()
+    assert (error <= 0.5 * int8.scales.float()[:, None] + 0.005 * weight.abs().amax(dim=1, keepdim=True)).all()
+    zero = DraftWeight.compact(torch.zeros(3, 16), None, int8=True)  # an all-zero row gets no zero scale
+    assert torch.equal(draft_linear(torch.ones(1, 16), zero), torch.zeros(1, 3))
+
+
+def test_draft_weights_setting_and_probe(monkeypatch):
+    head, int8_is_faster = tiny_fastmtp("llama").head, cpu_kernels._int8_is_faster
+    monkeypatch.setattr(cpu_kernels, "_int8_is_faster", lambda linears: pytest.fail("timed despite the setting"))
+    for setting, expected in (("int8", True), ("float16", False)):
+        monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, setting)
+        assert draft_weights_int8(head) is expected
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "bfloat16")
+    with pytest.raises(ValueError, match=f"{DRAFT_WEIGHTS_VARIABLE} must be int8 or float16"):
+        draft_weights_int8(head)
+    monkeypatch.delenv(DRAFT_WEIGHTS_VARIABLE)
+    for faster in (True, False):
+        probes = []
+        monkeypatch.setattr(cpu_kernels, "_int8_draft_weights", {})
+        monkeypatch.setattr(
+            cpu_kernels,
+            "_int8_is_faster",
+            lambda linears, probes=probes, faster=faster: probes.append(linears) or faster,
+        )
+        assert draft_weights_int8(head) is faster and draft_weights_int8(head) is faster
+        assert len(probes) == 1  # timed once per process
+    assert int8_is_faster(probes[0], rounds=1) in (False, True)  # and on a real clock
+
+
+def test_int8_draft_weights_only_where_the_kernel_suits_every_row(monkeypatch):
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "int8")
+    assert draft_weights_int8(nn.Sequential(nn.Linear(32, 8), nn.Linear(48, 5)))  # rows of 32 and 48 weights
+    assert not draft_weights_int8(nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 48)))  # 8: not a multiple of 16
+    assert not draft_weights_int8(nn.Sequential(nn.Linear(32, 16)).to(torch.bfloat16))
+    with few_row_linears(head := nn.Linear(24, 16)), compact_draft_weights(head):
+        assert vars(head)[DRAFT_WEIGHT].weight.dtype == torch.float16  # such a head drafts on float16 copies
+
+
+def test_draft_copies_only_for_float32_linear_layers_on_a_cpu():
     model = tiny_fastmtp("llama")
-    with float16_one_row_products(model.to(torch.bfloat16).head) as applied:
-        assert not applied and not _float16_copies(model)
+    with compact_draft_weights(model.to(torch.bfloat16).head) as applied:
+        assert not applied and not _draft_copies(model)
 
 
 def test_generate_restores_the_kernels_even_on_error(monkeypatch):
@@ -174,18 +242,18 @@ def test_generate_restores_the_kernels_even_on_error(monkeypatch):
     model = tiny_fastmtp("llama")
     head_linears = {name for name, module in model.named_modules() if type(module) is nn.Linear and "mtp" in name}
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model) and not _float16_copies(model) and FORCE_GQA_VARIABLE not in os.environ
+    assert not _patched(model) and not _draft_copies(model) and FORCE_GQA_VARIABLE not in os.environ
 
     def interrupted(*args, **kwargs):
         assert "forward" in vars(model.get_output_embeddings())  # verification is under way with the few-row kernel
         assert os.environ[FORCE_GQA_VARIABLE] == "1"  # and with native grouped-query attention
-        assert set(_float16_copies(model)) == head_linears  # the head drafts with float16 copies, the base does not
+        assert set(_draft_copies(model)) == head_linears  # the head drafts with compact copies, the base does not
         raise KeyboardInterrupt
 
     monkeypatch.setattr(FastMTPCandidateGenerator, "update_candidate_strategy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model) and not _float16_copies(model) and FORCE_GQA_VARIABLE not in os.environ
+    assert not _patched(model) and not _draft_copies(model) and FORCE_GQA_VARIABLE not in os.environ
 
 
 def test_only_float32_linear_layers_on_a_cpu():

@@ -12,6 +12,7 @@ from test_core import chi_square_p_value, exact_joint_distribution, greedy, prom
 
 from hf_fastmtp import FastMTPForCausalLM
 from hf_fastmtp.cli import main
+from hf_fastmtp.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
 from hf_fastmtp.draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map
 from hf_fastmtp.vocab import build_maps, count_tokens, install_into_head, ranked_token_ids, write_maps
 
@@ -74,20 +75,26 @@ def test_sampling_distribution_with_compression(do_sample_kwargs):
     assert chi_square_p_value(samples, expected) > 1e-3
 
 
-def test_sliced_lm_head_is_cached_and_follows_the_model():
+def test_sliced_lm_head_is_cached_and_follows_the_model(monkeypatch):
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "float16")
     model = with_maps(tiny_fastmtp("llama"))
     first = model.draft_vocabulary("en")
     assert model.draft_vocabulary("en") is first  # sliced once, reused by every call
     greedy(model, prompt(4), max_new_tokens=5, fastmtp=True, draft_vocab="en")
     assert model.draft_vocabulary("en") is first
-    # On a CPU, float32 rows are kept in float16 (a cheaper memory-bound product); drafts are verified all the same.
-    assert first.lm_head_weight.dtype == torch.float16
+    # On a CPU, float32 rows are kept as compact as the head's draft weights; drafts are verified all the same.
     expected = model.get_output_embeddings().weight[first.token_ids]
-    torch.testing.assert_close(first.lm_head_weight, expected.half())
+    assert first.lm_head.weight.dtype == torch.float16 and first.lm_head.scales is None
+    torch.testing.assert_close(first.lm_head.weight, expected.half())
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "int8")
+    int8 = model.draft_vocabulary("en")
+    assert int8.lm_head.weight.dtype == torch.int8 and model.draft_vocabulary("en") is int8
+    dequantized = int8.lm_head.weight * int8.lm_head.scales.float()[:, None]
+    assert (dequantized - expected).norm() < 0.01 * expected.norm()
     model.to(torch.float64)
     moved = model.draft_vocabulary("en")
-    assert moved.lm_head_weight.dtype == torch.float64
-    assert torch.equal(moved.lm_head_weight, model.get_output_embeddings().weight[moved.token_ids])
+    assert moved.lm_head.weight.dtype == torch.float64
+    assert torch.equal(moved.lm_head.weight, model.get_output_embeddings().weight[moved.token_ids])
 
 
 @pytest.mark.parametrize(
