@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicCache
 
 from .candidate_generator import FastMTPStats
 from .cli import format_table, parse_lookup_tokens, parse_probability
-from .cpu_kernels import cpu_verification_kernels, draft_weights_int8, one_row_products_weight_first
+from .cpu_kernels import cpu_verification_kernels, one_row_products_weight_first
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
 from .mtp_head import cache_keyword
@@ -497,7 +497,7 @@ def hardware_info(model: PreTrainedModel) -> dict:
         # Whether `ar` (plain decoding under the CPU kernels) computes its one-row products weight-first here.
         "one_row_weight_first": one_row_products_weight_first(model),
         # Whether FastMTP's draft steps read int8 copies of the head's weights here (float16 ones otherwise).
-        "int8_draft_weights": draft_weights_int8(model.head),
+        "int8_draft_weights": model.int8_draft_weights(),
     }
 
 

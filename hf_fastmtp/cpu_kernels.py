@@ -54,8 +54,14 @@ MEMORY_BOUND_BYTES = 64 * 2**20
 ONE_ROW_WEIGHT_FIRST_VARIABLE = "HF_FASTMTP_ONE_ROW_WEIGHT_FIRST"
 # "int8" or "float16": the draft steps' weights, without timing them.
 DRAFT_WEIGHTS_VARIABLE = "HF_FASTMTP_DRAFT_WEIGHTS"
-# PyTorch's int8 weight-only CPU kernel computes wrong numbers, or crashes, unless rows are a multiple of 16 long.
+# PyTorch's int8 weight-only CPU kernel reads rows with aligned vector loads: it computes wrong numbers, or crashes,
+# unless they are a multiple of 16 long (AVX-512; 8 on AVX2) and start aligned (inputs get a fresh buffer).
 INT8_ROW_MULTIPLE = 16
+# int8 draft weights serve products of up to this many rows (draft steps); more rows (the head's pass over a prompt)
+# keep the standard kernel, which is the faster one there on some CPUs.
+INT8_MAX_ROWS = 16
+# How many lm_head rows `draft_weights_int8` times with the head's weights: a draft vocabulary's (the shipped size).
+DRAFT_VOCAB_ROWS = 8192
 # (threads, probed weight shapes) -> whether one-row products are faster weight-first: timed once per process.
 _one_row_weight_first: dict[tuple, bool] = {}
 # (threads, head weight shapes) -> whether draft steps are faster on int8 weights: timed once per process.
@@ -64,8 +70,9 @@ _int8_draft_weights: dict[tuple, bool] = {}
 
 class DraftWeight(NamedTuple):
     """
-    A linear layer's weights as draft steps read them: a copy in a cheaper dtype (`scales` None), or int8 rows with
-    a bfloat16 scale each, for PyTorch's int8 weight-only product (activations in bfloat16).
+    A linear layer's weights as draft steps read them: weights used as they are, in their own dtype (`scales` None:
+    float16 copies of float32 ones on a CPU, or a model's own rows elsewhere), or int8 rows with a bfloat16 scale
+    each, for PyTorch's int8 weight-only product (activations in bfloat16).
     """
 
     weight: torch.Tensor
@@ -90,7 +97,8 @@ def draft_linear(input: torch.Tensor, draft: DraftWeight) -> torch.Tensor:
     if draft.scales is None:
         return nn.functional.linear(input.to(draft.weight.dtype), draft.weight, draft.bias).to(input.dtype)
     *leading, in_features = input.shape
-    flat = input.reshape(-1, in_features).to(torch.bfloat16)
+    # Always a fresh (aligned) buffer, also for an input that is already a bfloat16 view.
+    flat = input.reshape(-1, in_features).to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
     output = torch._weight_int8pack_mm(flat, draft.weight, draft.scales)
     if draft.bias is not None:
         output += draft.bias
@@ -101,8 +109,11 @@ def few_row_linear(self: nn.Linear, input: torch.Tensor, min_rows: int = 2) -> t
     # Called ~200 times per forward, so its own overhead counts: sparing a slice and a reshape took ~3 ms off a pass.
     *leading, in_features = input.shape
     rows = math.prod(leading)
-    # int8 draft weights serve every row count (the head's first step and its prefill too); float16 ones, one row.
-    if (draft := vars(self).get(DRAFT_WEIGHT)) is not None and (rows == 1 or draft.scales is not None):
+    # int8 draft weights serve draft steps of any width (the first step of a cycle extends the head's cache over the
+    # accepted drafts); float16 ones, one-row products.
+    if (draft := vars(self).get(DRAFT_WEIGHT)) is not None and (
+        rows == 1 or (draft.scales is not None and rows <= INT8_MAX_ROWS)
+    ):
         return draft_linear(input, draft)
     if not min_rows <= rows <= PADDED_ROWS:
         return nn.functional.linear(input, self.weight, self.bias)
@@ -200,39 +211,53 @@ def _weight_first_is_faster(
     return seconds["weight_first"] < 0.9 * seconds["standard"]
 
 
-def _best_rounds(kernels: dict[str, Callable[[], None]], rounds: int, clock: Callable[[], float]) -> dict[str, float]:
+def _best_rounds(
+    kernels: dict[str, Callable[[], None]],
+    rounds: int,
+    clock: Callable[[], float],
+    before_each: Callable[[], object] | None = None,
+) -> dict[str, float]:
     """
-    Times each kernel in turn for `rounds` rounds and returns each one's best round: another process on a core only
-    ever adds time (and more to a kernel that uses every thread), so the best rounds are the kernels' own speed.
+    Times each kernel in turn for `rounds` rounds (after `before_each`, untimed) and returns each one's best round:
+    another process on a core only ever adds time (and more to a kernel that uses every thread), so the best rounds
+    are the kernels' own speed.
     """
     seconds = {name: math.inf for name in kernels}
     with torch.no_grad():
         for _ in range(rounds):
             for name, kernel in kernels.items():
+                if before_each is not None:
+                    before_each()
                 start = clock()
                 kernel()
                 seconds[name] = min(seconds[name], clock() - start)
     return seconds
 
 
-def draft_weights_int8(head: nn.Module) -> bool:
+def draft_weights_int8(head: nn.Module, lm_head: nn.Module | None = None) -> bool:
     """
-    Whether the head drafts with int8 weights (`DraftWeight`) rather than float16 copies. Both are memory-bound
-    one-row products; PyTorch's int8 weight-only kernel reads half the bytes and, on CPUs with native bfloat16
-    (a 2-core AVX-512 EPYC: SmolLM2's head 0.67 -> 0.39 ms per draft step, cold), computes faster too; elsewhere it
-    may not. Timed once per process, thread count and head, unless `HF_FASTMTP_DRAFT_WEIGHTS` is int8 or float16.
+    Whether draft steps read int8 weights (`DraftWeight`) rather than float16 copies: the head's, and the rows of the
+    model's `lm_head` that a draft vocabulary keeps. Both are memory-bound one-row products; PyTorch's int8
+    weight-only kernel reads half the bytes, and where PyTorch runs its AVX-512 version it computes faster too (a
+    2-core AVX-512 EPYC: SmolLM2's head and 8192 draft rows 0.67 -> 0.39 ms per draft step, cold); its AVX2 version
+    does not, cold. Timed once per process, thread count and shapes, unless `HF_FASTMTP_DRAFT_WEIGHTS` is int8 or
+    float16.
     """
+    weights = [(linear.weight, linear.bias) for linear in head.modules() if type(linear) is nn.Linear]
+    if lm_head is not None:  # a draft vocabulary's worth of its rows
+        rows = slice(0, DRAFT_VOCAB_ROWS)
+        bias = getattr(lm_head, "bias", None)
+        weights.append((lm_head.weight[rows], None if bias is None else bias[rows]))
     if (setting := os.environ.get(DRAFT_WEIGHTS_VARIABLE)) is not None:
         if setting not in ("int8", "float16"):
             raise ValueError(f"{DRAFT_WEIGHTS_VARIABLE} must be int8 or float16 (or unset: timed), got {setting!r}.")
-        return setting == "int8" and _int8_product_applies(head)
-    if not _int8_product_applies(head):
+        return setting == "int8" and _int8_product_applies(weights)
+    if not _int8_product_applies(weights):
         return False
-    linears = [module for module in head.modules() if _is_cpu_float32_linear(module)]
-    key = (torch.get_num_threads(), tuple(linear.weight.shape for linear in linears))
+    key = (torch.get_num_threads(), tuple(weight.shape for weight, _ in weights))
     if key not in _int8_draft_weights:
         try:
-            faster = _int8_is_faster(linears)
+            faster = _int8_is_faster(weights)
         except (NotImplementedError, RuntimeError):  # a PyTorch build without the kernel for this CPU
             faster = False
         _int8_draft_weights[key] = faster
@@ -240,38 +265,47 @@ def draft_weights_int8(head: nn.Module) -> bool:
     return _int8_draft_weights[key]
 
 
-def _int8_product_applies(head: nn.Module) -> bool:
-    """A float32 head on a CPU whose rows all suit PyTorch's int8 weight-only kernel."""
-    linears = [module for module in head.modules() if type(module) is nn.Linear]
+def _int8_product_applies(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """float32 weights on a CPU whose rows all suit PyTorch's int8 weight-only kernel."""
     return (
         hasattr(torch, "_weight_int8pack_mm")
-        and bool(linears)
-        and all(_is_cpu_float32_linear(linear) and linear.in_features % INT8_ROW_MULTIPLE == 0 for linear in linears)
+        and bool(weights)
+        and all(
+            weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[1] % INT8_ROW_MULTIPLE == 0
+            for weight, _ in weights
+        )
     )
 
 
 def _int8_is_faster(
-    linears: list[nn.Linear], rounds: int = 10, clock: Callable[[], float] = time.perf_counter
+    weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+    rounds: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> bool:
-    """Whether one-row products over `linears` are clearly (10%) faster on int8 weights than on float16 copies."""
-    copies = {
-        int8: [DraftWeight.compact(linear.weight, linear.bias, int8) for linear in linears] for int8 in (False, True)
-    }
-    inputs = {linear.in_features: torch.ones(1, linear.in_features) for linear in linears}
+    """
+    Whether one-row products with `weights` are at least as fast in int8 as in float16 copies, timed cold (a cycle's
+    first draft step reads them after the verification forward streamed the model through the caches). At least as
+    fast is enough: int8 also serves the first step's 2-4 rows, where float16 copies cannot and float32 is slower.
+    """
+    copies = {int8: [DraftWeight.compact(weight, bias, int8) for weight, bias in weights] for int8 in (False, True)}
+    inputs = {weight.shape[1]: torch.ones(1, weight.shape[1]) for weight, _ in weights}
+    other_memory = torch.empty(MEMORY_BOUND_BYTES // 4)
 
     def kernel(int8: bool) -> Callable[[], None]:
         return lambda: [draft_linear(inputs[draft.weight.shape[1]], draft) for draft in copies[int8]]
 
-    seconds = _best_rounds({"float16": kernel(False), "int8": kernel(True)}, rounds, clock)
-    return seconds["int8"] < 0.9 * seconds["float16"]
+    seconds = _best_rounds(
+        {"float16": kernel(False), "int8": kernel(True)}, rounds, clock, before_each=lambda: other_memory.fill_(0.0)
+    )
+    return seconds["int8"] <= seconds["float16"]
 
 
 @contextmanager
-def compact_draft_weights(head: nn.Module) -> Iterator[int]:
+def compact_draft_weights(head: nn.Module, int8: bool) -> Iterator[int]:
     """
     While active, and while `few_row_linears` is, the head's float32 linear layers on a CPU compute with compact
-    copies of their weights (`DraftWeight`): int8 ones for every row count where `draft_weights_int8` says so,
-    float16 ones for one-row products otherwise (a one-row product is memory-bound: half the bytes, about half the
+    copies of their weights (`DraftWeight`): with `int8` (`draft_weights_int8`) int8 ones for draft steps (up to
+    `INT8_MAX_ROWS` rows), float16 ones for one-row products otherwise (a one-row product is memory-bound: half the bytes, about half the
     time; the SmolLM2 head's layers: 1.43 -> 0.68 ms per draft step). Only for modules whose numbers choose drafts
     (the FastMTP head): the model verifies every draft in its own dtype, so output does not change. The copies are
     made on entry and dropped on exit, so they never go stale. Yields how many layers it applied to.
@@ -279,7 +313,6 @@ def compact_draft_weights(head: nn.Module) -> Iterator[int]:
     linears = [
         linear for linear in head.modules() if _is_cpu_float32_linear(linear) and DRAFT_WEIGHT not in vars(linear)
     ]
-    int8 = bool(linears) and draft_weights_int8(head)
     for linear in linears:
         setattr(linear, DRAFT_WEIGHT, DraftWeight.compact(linear.weight, linear.bias, int8))
     try:

@@ -31,7 +31,13 @@ from .configuration_fastmtp import (
     check_draft_confidence_threshold,
     check_num_draft_tokens,
 )
-from .cpu_kernels import DraftWeight, compact_draft_weights, cpu_verification_kernels, draft_linear, draft_weights_int8
+from .cpu_kernels import (
+    DraftWeight,
+    compact_draft_weights,
+    cpu_verification_kernels,
+    draft_linear,
+    draft_weights_int8,
+)
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
 from .mtp_head import FastMTPHead, cache_keyword
 
@@ -357,6 +363,10 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return self.head(hidden_states, token_embeddings, position_embeddings, position_ids, mask, past_key_values)
 
+    def int8_draft_weights(self) -> bool:
+        """Whether draft steps read int8 copies of the head's weights and draft rows on this CPU (`draft_weights_int8`)."""
+        return draft_weights_int8(self.head, self.get_output_embeddings())
+
     def draft_logits(self, head_output: torch.Tensor, vocabulary: DraftVocabulary | None = None) -> torch.Tensor:
         """lm_head logits of the head's output, over the whole vocabulary or over a restricted one."""
         lm_head = self.get_output_embeddings()
@@ -396,7 +406,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         # On a CPU the head's product with these rows is memory-bound: they are kept as compact as the head's own
         # draft weights (int8 or float16, `compact_draft_weights`): a fraction of float32's time per draft step.
         compact = lm_head.weight.device.type == "cpu" and lm_head.weight.dtype == torch.float32
-        int8 = compact and draft_weights_int8(self.head)
+        int8 = compact and self.int8_draft_weights()
         cached = self._draft_vocab_cache.get((name, size))
         # A cached slice is reused until the model moves to another device or dtype, or drafting changes format.
         if (
@@ -520,7 +530,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             "confidence_threshold": draft_confidence_threshold,
         }
         try:
-            with cpu_verification_kernels(self), compact_draft_weights(self.head):
+            with cpu_verification_kernels(self), compact_draft_weights(self.head, self.int8_draft_weights()):
                 output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
             stats = self._fastmtp_call.generator.stats
         finally:

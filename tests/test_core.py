@@ -318,7 +318,7 @@ def capture_generator(model, monkeypatch) -> list[FastMTPCandidateGenerator]:
 def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeypatch, lookup_tokens):
     model = tiny_fastmtp(architecture)
     # Float32 draft steps, like the one-shot reference: this checks the cache's bookkeeping to float32 rounding.
-    monkeypatch.setattr(modeling_fastmtp, "compact_draft_weights", lambda head: contextlib.nullcontext(0))
+    monkeypatch.setattr(modeling_fastmtp, "compact_draft_weights", lambda head, int8: contextlib.nullcontext(0))
     input_ids = prompt(11) if lookup_tokens is None else looping_prompt()
     if lookup_tokens is not None:  # cycles of up to 6 lookup drafts, between the head's own
         reference_output = greedy(model, input_ids, max_new_tokens=30)

@@ -84,19 +84,23 @@ def test_models_that_fit_in_a_cache_keep_the_standard_one_row_kernel(monkeypatch
     assert not cpu_kernels.one_row_products_weight_first(tiny_fastmtp("llama"))
 
 
+def scripted_clock(durations: list[float]):
+    """A clock read at the start and the end of each timed round, whose rounds last `durations` in turn."""
+    durations, now, started = iter(durations), [0.0], [False]
+
+    def clock():
+        if started[0]:
+            now[0] += next(durations)
+        started[0] = not started[0]
+        return now[0]
+
+    return clock
+
+
 @pytest.mark.parametrize(("weight_first_seconds", "faster"), [(0.85, True), (0.95, False)])
 def test_the_probe_wants_a_clear_win_of_the_best_rounds(weight_first_seconds, faster):
     # Rounds alternate standard, weight-first; one stalled weight-first round (5 s) must not decide anything.
-    durations = iter([1.0, weight_first_seconds, 1.0, 5.0, 1.0, weight_first_seconds])
-    now = [0.0]
-
-    def clock():  # called at the start and the end of each timed round
-        if clock.started:
-            now[0] += next(durations)
-        clock.started = not clock.started
-        return now[0]
-
-    clock.started = False
+    clock = scripted_clock([1.0, weight_first_seconds, 1.0, 5.0, 1.0, weight_first_seconds])
     linears = [nn.Linear(8, 8), nn.Linear(8, 4, bias=False)]
     assert cpu_kernels._weight_first_is_faster(linears, rounds=3, clock=clock) is faster
     assert cpu_kernels._weight_first_is_faster(linears, rounds=1) in (False, True)  # and on a real clock
@@ -146,8 +150,7 @@ def test_every_linear_layer_is_patched_and_restored():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_row_products_use_float16_copies_only_while_active(bias, monkeypatch):
-    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "float16")
+def test_one_row_products_use_float16_copies_only_while_active(bias):
     torch.manual_seed(0)
     linear = nn.Linear(64, 300, bias=bias)
     one_row, four_rows = torch.randn(1, 1, 64), torch.randn(1, 4, 64)
@@ -158,9 +161,9 @@ def test_one_row_products_use_float16_copies_only_while_active(bias, monkeypatch
     float16_bias = None if linear.bias is None else linear.bias.half()
     float16 = nn.functional.linear(one_row.half(), linear.weight.half(), float16_bias).float()
     assert not torch.equal(float16, float32[1])  # the two are told apart below
-    with few_row_linears(linear), compact_draft_weights(linear) as applied:
+    with few_row_linears(linear), compact_draft_weights(linear, int8=False) as applied:
         assert applied == 1
-        with compact_draft_weights(linear) as nested:
+        with compact_draft_weights(linear, int8=False) as nested:
             assert not nested  # an enclosing call keeps the copies, and drops them
         output = linear(one_row)
         assert output.dtype == torch.float32 and torch.equal(output, float16)
@@ -171,20 +174,30 @@ def test_one_row_products_use_float16_copies_only_while_active(bias, monkeypatch
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_draft_weights_serve_every_row_count_while_active(bias, monkeypatch):
-    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "int8")
+def test_int8_draft_weights_serve_draft_steps_while_active(bias):
     torch.manual_seed(0)
-    linear = nn.Linear(64, 300, bias=bias)
+    linear = nn.Linear(64, 301, bias=bias)  # 301 outputs: a last partial block of the kernel's
     int8 = DraftWeight.compact(linear.weight, linear.bias, int8=True)
-    with few_row_linears(linear), compact_draft_weights(linear) as applied:
+    with few_row_linears(linear), compact_draft_weights(linear, int8=True) as applied:
         assert applied == 1
-        for rows in (1, 3, 4, 40):
-            hidden = torch.randn(2, rows, 64)
+        for shape in [(1, 1), (1, 3), (2, 2), (1, 4), (1, cpu_kernels.INT8_MAX_ROWS), (1, 40)]:
+            hidden = torch.randn(*shape, 64)
             output = linear(hidden)
-            assert output.dtype == torch.float32 and torch.equal(output, draft_linear(hidden, int8))
             float32 = nn.functional.linear(hidden, linear.weight, linear.bias)
+            assert output.dtype == torch.float32 and output.shape == float32.shape
+            if hidden.shape[:-1].numel() > cpu_kernels.INT8_MAX_ROWS:  # a pass over a prompt: the standard kernel
+                assert torch.equal(output, float32)
+                continue
+            assert torch.equal(output, draft_linear(hidden, int8))
             assert (output - float32).norm() < 0.02 * float32.norm()  # int8 rows, bfloat16 activations: ~1%
     assert not _draft_copies(linear) and not _patched(linear)
+
+
+def test_int8_products_take_a_bfloat16_view_as_input():
+    weight, hidden = torch.randn(32, 64), torch.randn(1, 72).to(torch.bfloat16)
+    int8 = DraftWeight.compact(weight, None, int8=True)
+    output = draft_linear(hidden[:, 8:], int8)  # a view 16 bytes into its storage: the kernel needs aligned rows
+    torch.testing.assert_close(output.float(), hidden[:, 8:].float() @ weight.T, rtol=0.05, atol=0.05)
 
 
 def test_int8_draft_weights_quantize_each_row_with_its_own_scale():
@@ -224,16 +237,24 @@ def test_draft_weights_setting_and_probe(monkeypatch):
 
 def test_int8_draft_weights_only_where_the_kernel_suits_every_row(monkeypatch):
     monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "int8")
-    assert draft_weights_int8(nn.Sequential(nn.Linear(32, 8), nn.Linear(48, 5)))  # rows of 32 and 48 weights
-    assert not draft_weights_int8(nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 48)))  # 8: not a multiple of 16
+    head = nn.Sequential(nn.Linear(32, 8), nn.Linear(48, 5))  # rows of 32 and 48 weights
+    assert draft_weights_int8(head) and draft_weights_int8(head, lm_head=nn.Linear(64, 100))
+    assert not draft_weights_int8(head, lm_head=nn.Linear(24, 100))  # 24: not a multiple of 16
+    assert not draft_weights_int8(nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 48)))
     assert not draft_weights_int8(nn.Sequential(nn.Linear(32, 16)).to(torch.bfloat16))
-    with few_row_linears(head := nn.Linear(24, 16)), compact_draft_weights(head):
-        assert vars(head)[DRAFT_WEIGHT].weight.dtype == torch.float16  # such a head drafts on float16 copies
+
+
+@pytest.mark.parametrize(("int8_seconds", "faster"), [(0.99, True), (1.05, False)])
+def test_the_draft_weights_probe_wants_int8_at_least_as_fast_in_its_best_round(int8_seconds, faster):
+    # Rounds alternate float16, int8; one stalled int8 round (5 s) must not decide anything.
+    clock = scripted_clock([1.0, int8_seconds, 1.0, 5.0])
+    weights = [(torch.randn(8, 16), None), (torch.randn(4, 16), torch.randn(4))]
+    assert cpu_kernels._int8_is_faster(weights, rounds=2, clock=clock) is faster
 
 
 def test_draft_copies_only_for_float32_linear_layers_on_a_cpu():
     model = tiny_fastmtp("llama")
-    with compact_draft_weights(model.to(torch.bfloat16).head) as applied:
+    with compact_draft_weights(model.to(torch.bfloat16).head, int8=True) as applied:
         assert not applied and not _draft_copies(model)
 
 
