@@ -304,17 +304,20 @@ def _int8_is_faster(
 def compact_draft_weights(head: nn.Module, int8: bool) -> Iterator[int]:
     """
     While active, and while `few_row_linears` is, the head's float32 linear layers on a CPU compute with compact
-    copies of their weights (`DraftWeight`): with `int8` (`draft_weights_int8`) int8 ones for draft steps (up to
-    `INT8_MAX_ROWS` rows), float16 ones for one-row products otherwise (a one-row product is memory-bound: half the bytes, about half the
-    time; the SmolLM2 head's layers: 1.43 -> 0.68 ms per draft step). Only for modules whose numbers choose drafts
-    (the FastMTP head): the model verifies every draft in its own dtype, so output does not change. The copies are
-    made on entry and dropped on exit, so they never go stale. Yields how many layers it applied to.
+    copies of their weights (`DraftWeight`): with `int8` (`draft_weights_int8`), int8 ones for draft steps (up to
+    `INT8_MAX_ROWS` rows); otherwise float16 ones for one-row products (a one-row product is memory-bound: half the
+    bytes, about half the time; the SmolLM2 head's layers: 1.43 -> 0.68 ms per draft step). Only for modules whose
+    numbers choose drafts (the FastMTP head): the model verifies every draft in its own dtype, so output does not
+    change. The copies are made on entry and dropped on exit, so they never go stale. Yields how many layers it
+    applied to.
     """
     linears = [
         linear for linear in head.modules() if _is_cpu_float32_linear(linear) and DRAFT_WEIGHT not in vars(linear)
     ]
     for linear in linears:
-        setattr(linear, DRAFT_WEIGHT, DraftWeight.compact(linear.weight, linear.bias, int8))
+        # A row length the int8 kernel cannot take gets a float16 copy, whatever was asked.
+        layer_int8 = int8 and linear.in_features % INT8_ROW_MULTIPLE == 0
+        setattr(linear, DRAFT_WEIGHT, DraftWeight.compact(linear.weight, linear.bias, layer_int8))
     try:
         yield len(linears)
     finally:

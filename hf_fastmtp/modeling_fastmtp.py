@@ -364,7 +364,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         return self.head(hidden_states, token_embeddings, position_embeddings, position_ids, mask, past_key_values)
 
     def int8_draft_weights(self) -> bool:
-        """Whether draft steps read int8 copies of the head's weights and draft rows on this CPU (`draft_weights_int8`)."""
+        """Whether draft steps read int8 copies of the head's weights and draft rows here (`draft_weights_int8`)."""
         return draft_weights_int8(self.head, self.get_output_embeddings())
 
     def draft_logits(self, head_output: torch.Tensor, vocabulary: DraftVocabulary | None = None) -> torch.Tensor:

@@ -242,6 +242,8 @@ def test_int8_draft_weights_only_where_the_kernel_suits_every_row(monkeypatch):
     assert not draft_weights_int8(head, lm_head=nn.Linear(24, 100))  # 24: not a multiple of 16
     assert not draft_weights_int8(nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 48)))
     assert not draft_weights_int8(nn.Sequential(nn.Linear(32, 16)).to(torch.bfloat16))
+    with compact_draft_weights(layer := nn.Linear(24, 16), int8=True):  # asked for int8 all the same
+        assert vars(layer)[DRAFT_WEIGHT].weight.dtype == torch.float16
 
 
 @pytest.mark.parametrize(("int8_seconds", "faster"), [(0.99, True), (1.05, False)])
