@@ -19,7 +19,8 @@ tokens). PyTorch's CPU kernel takes the grouped heads as they are (`enable_gqa`)
 
 A draft step is a one-row forward of the head, memory-bound like any: its products read compact copies of the head's
 weights and of the draft vocabulary's lm_head rows (`DraftWeight`): int8 rows with a scale each, where this CPU runs
-PyTorch's int8 weight-only product faster (timed once per process, `draft_weights_int8`), float16 copies otherwise.
+PyTorch's int8 weight-only product at least as fast (timed once per process, `draft_weights_int8`), float16 copies
+otherwise.
 Drafts only choose what the model verifies in its own dtype, so the output does not change.
 """
 
@@ -109,8 +110,8 @@ def few_row_linear(self: nn.Linear, input: torch.Tensor, min_rows: int = 2) -> t
     # Called ~200 times per forward, so its own overhead counts: sparing a slice and a reshape took ~3 ms off a pass.
     *leading, in_features = input.shape
     rows = math.prod(leading)
-    # int8 draft weights serve draft steps of any width (the first step of a cycle extends the head's cache over the
-    # accepted drafts); float16 ones, one-row products.
+    # int8 draft weights serve draft steps of up to INT8_MAX_ROWS rows (the first step of a cycle extends the head's
+    # cache over the accepted drafts); float16 ones, one-row products.
     if (draft := vars(self).get(DRAFT_WEIGHT)) is not None and (
         rows == 1 or (draft.scales is not None and rows <= INT8_MAX_ROWS)
     ):
@@ -129,8 +130,13 @@ def few_row_linear(self: nn.Linear, input: torch.Tensor, min_rows: int = 2) -> t
     return output.view(*leading, self.out_features)
 
 
+def is_cpu_float32(tensor: torch.Tensor) -> bool:
+    """The weights these kernels apply to: float32 on a CPU."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+
+
 def _is_cpu_float32_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+    return type(module) is nn.Linear and is_cpu_float32(module.weight)
 
 
 @contextmanager
@@ -270,10 +276,7 @@ def _int8_product_applies(weights: list[tuple[torch.Tensor, torch.Tensor | None]
     return (
         hasattr(torch, "_weight_int8pack_mm")
         and bool(weights)
-        and all(
-            weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[1] % INT8_ROW_MULTIPLE == 0
-            for weight, _ in weights
-        )
+        and all(is_cpu_float32(weight) and weight.shape[1] % INT8_ROW_MULTIPLE == 0 for weight, _ in weights)
     )
 
 
@@ -363,6 +366,7 @@ __all__ = [
     "draft_linear",
     "draft_weights_int8",
     "few_row_linears",
+    "is_cpu_float32",
     "native_gqa_attention",
     "one_row_products_weight_first",
 ]

@@ -37,6 +37,7 @@ from .cpu_kernels import (
     cpu_verification_kernels,
     draft_linear,
     draft_weights_int8,
+    is_cpu_float32,
 )
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
 from .mtp_head import FastMTPHead, cache_keyword
@@ -405,7 +406,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         lm_head = self.get_output_embeddings()
         # On a CPU the head's product with these rows is memory-bound: they are kept as compact as the head's own
         # draft weights (int8 or float16, `compact_draft_weights`): a fraction of float32's time per draft step.
-        compact = lm_head.weight.device.type == "cpu" and lm_head.weight.dtype == torch.float32
+        compact = is_cpu_float32(lm_head.weight)
         int8 = compact and self.int8_draft_weights()
         cached = self._draft_vocab_cache.get((name, size))
         # A cached slice is reused until the model moves to another device or dtype, or drafting changes format.
