@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.utils import ModelOutput
 
-    from .cpu_kernels import DraftWeight
+    from .cpu_kernels import DraftWeight, WeightSource
     from .modeling_fastmtp import FastMTPForCausalLM
 
 
@@ -25,7 +25,7 @@ class DraftVocabulary:
     name: str
     token_ids: torch.LongTensor
     lm_head: DraftWeight
-    source_dtype: torch.dtype | None = None  # the model's lm_head dtype; the rows may be kept in a cheaper one
+    source: WeightSource  # the model's lm_head weights the rows were sliced from: they are reused while unchanged
 
     @property
     def size(self) -> int:

@@ -33,6 +33,7 @@ from .configuration_fastmtp import (
 )
 from .cpu_kernels import (
     DraftWeight,
+    WeightSource,
     compact_draft_weights,
     cpu_verification_kernels,
     draft_linear,
@@ -409,18 +410,18 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         compact = is_cpu_float32(lm_head.weight)
         int8 = compact and self.int8_draft_weights()
         cached = self._draft_vocab_cache.get((name, size))
-        # A cached slice is reused until the model moves to another device or dtype, or drafting changes format.
+        bias = getattr(lm_head, "bias", None)
+        # A cached slice is reused until the lm_head's weights change (a move, a reload) or drafting changes format.
         if (
             cached is None
-            or cached.lm_head.weight.device != lm_head.weight.device
-            or cached.source_dtype != lm_head.weight.dtype
+            or not cached.source.matches(lm_head.weight, bias)
             or (cached.lm_head.scales is not None) != int8
         ):
             ids = token_ids[:size].to(lm_head.weight.device)
             weight = lm_head.weight[ids].detach()
-            bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[ids].detach()
-            rows = DraftWeight.compact(weight, bias, int8) if compact else DraftWeight(weight, bias)
-            cached = DraftVocabulary(name, ids, rows, source_dtype=lm_head.weight.dtype)
+            rows_bias = None if bias is None else bias[ids].detach()
+            rows = DraftWeight.compact(weight, rows_bias, int8) if compact else DraftWeight(weight, rows_bias)
+            cached = DraftVocabulary(name, ids, rows, source=WeightSource(lm_head.weight, bias))
             self._draft_vocab_cache[(name, size)] = cached
         return cached
 

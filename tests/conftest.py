@@ -24,9 +24,8 @@ from transformers import (
 from hf_fastmtp import FastMTPForCausalLM
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
-# Transformers 5.23 added what two of FastMTP's savings ask for: keeping only the last hidden state of a forward
-# (`output_hidden_states=-1`) and SDPA on grouped KV heads under a mask (`TRANSFORMERS_SDPA_FORCE_GQA`). Earlier
-# versions generate the same tokens without them; tests of the savings themselves skip there.
+# Transformers 5.23 added what one of FastMTP's savings asks for: keeping only the last hidden state of a forward
+# (`output_hidden_states=-1`). Earlier versions generate the same tokens without it; tests of the saving skip there.
 needs_transformers_5_23 = pytest.mark.skipif(
     Version(transformers.__version__) < Version("5.23"), reason="needs transformers >= 5.23"
 )

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import ARCHITECTURES, needs_transformers_5_23, tiny_fastmtp
+from conftest import ARCHITECTURES, tiny_fastmtp
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
@@ -14,13 +12,15 @@ from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
 from hf_fastmtp.cpu_kernels import (
     DRAFT_WEIGHT,
     DRAFT_WEIGHTS_VARIABLE,
-    FORCE_GQA_VARIABLE,
+    GROUPED_QUERY_SDPA,
     ONE_ROW_WEIGHT_FIRST_VARIABLE,
+    PACKED_MAX_QUERIES,
     DraftWeight,
     compact_draft_weights,
     draft_linear,
     draft_weights_int8,
     few_row_linears,
+    grouped_query_sdpa,
     native_gqa_attention,
 )
 from hf_fastmtp.mtp_head import cache_keyword
@@ -173,6 +173,40 @@ def test_one_row_products_use_float16_copies_only_while_active(bias):
         assert torch.equal(linear(one_row), float32[1])
 
 
+def test_draft_weights_are_kept_between_calls_while_the_weights_are_unchanged():
+    linear = nn.Linear(64, 32)
+
+    def copy(int8: bool) -> DraftWeight:
+        with compact_draft_weights(linear, int8=int8):
+            return vars(linear)[DRAFT_WEIGHT]
+
+    first = copy(int8=True)
+    assert copy(int8=True) is first
+    assert copy(int8=False).scales is None and copy(int8=True) is not first  # another format
+    current = copy(int8=True)
+    with torch.no_grad():
+        linear.bias.add_(1.0)  # an in-place update
+    updated = copy(int8=True)
+    assert updated is not current and torch.equal(updated.bias, (linear.bias.detach() + 0).to(torch.bfloat16))
+    linear.load_state_dict({"weight": 2 * linear.weight.detach(), "bias": linear.bias.detach()})
+    reloaded = copy(int8=True)
+    assert reloaded is not updated and torch.equal(reloaded.scales, (2 * updated.scales.float()).to(torch.bfloat16))
+    linear.weight = nn.Parameter(torch.randn(32, 64))  # another tensor
+    assert copy(int8=True) is not reloaded
+
+
+def test_weight_source_tells_changed_weights_apart():
+    weight = nn.Parameter(torch.randn(4, 8))
+    source = cpu_kernels.WeightSource(weight, None)
+    assert source.matches(weight, None)
+    assert not source.matches(weight.detach().clone(), None) and not source.matches(weight, weight)
+    weight.data = weight.data.double()  # what `module.to(torch.float64)` does: the same parameter, new storage
+    assert not source.matches(weight, None)
+    with torch.inference_mode():
+        inference_weight = torch.randn(4, 8)
+    assert not cpu_kernels.WeightSource(inference_weight).matches(inference_weight)  # no version: never reused
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_draft_weights_serve_draft_steps_while_active(bias):
     torch.manual_seed(0)
@@ -260,23 +294,29 @@ def test_draft_copies_only_for_float32_linear_layers_on_a_cpu():
         assert not applied and not _draft_copies(model)
 
 
+def _attention_implementations(model: nn.Module) -> set[str]:
+    return {
+        module.config._attn_implementation for module in model.modules() if hasattr(module, "num_key_value_groups")
+    }
+
+
 def test_generate_restores_the_kernels_even_on_error(monkeypatch):
-    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
     model = tiny_fastmtp("llama")
     head_linears = {name for name, module in model.named_modules() if type(module) is nn.Linear and "mtp" in name}
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model) and not _draft_copies(model) and FORCE_GQA_VARIABLE not in os.environ
+    assert not _patched(model) and not _draft_copies(model) and _attention_implementations(model) == {"sdpa"}
 
     def interrupted(*args, **kwargs):
         assert "forward" in vars(model.get_output_embeddings())  # verification is under way with the few-row kernel
-        assert os.environ[FORCE_GQA_VARIABLE] == "1"  # and with native grouped-query attention
+        assert _attention_implementations(model) == {GROUPED_QUERY_SDPA}  # and grouped-query attention (head too)
         assert set(_draft_copies(model)) == head_linears  # the head drafts with compact copies, the base does not
         raise KeyboardInterrupt
 
     monkeypatch.setattr(FastMTPCandidateGenerator, "update_candidate_strategy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
-    assert not _patched(model) and not _draft_copies(model) and FORCE_GQA_VARIABLE not in os.environ
+    assert not _patched(model) and not _draft_copies(model) and _attention_implementations(model) == {"sdpa"}
+    assert not cpu_kernels._packed_masks
 
 
 def test_only_float32_linear_layers_on_a_cpu():
@@ -298,56 +338,96 @@ def test_bench_runs_every_method_but_stock_plain_decoding_with_the_few_row_kerne
         return original_generate(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "generate", generate)
-    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
     timed_generate(model, inputs, fastmtp=False, max_new_tokens=4, prompt_lookup_num_tokens=3)
     timed_generate(model, inputs, fastmtp=True, max_new_tokens=4)
     timed_generate(model, inputs, fastmtp=False, cpu_kernels=False, max_new_tokens=4)
     assert patched_during_call == [True, True, False]
-    assert not _patched(model) and FORCE_GQA_VARIABLE not in os.environ
+    assert not _patched(model) and _attention_implementations(model) == {"sdpa"}
 
 
-@needs_transformers_5_23
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
-    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
     base = tiny_fastmtp(architecture).model
-    assert base.config.num_key_value_heads < base.config.num_attention_heads  # grouped heads: the path that changes
-    input_ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    groups = base.config.num_attention_heads // base.config.num_key_value_heads
+    assert groups > 1  # grouped heads: the path that changes
+    input_ids = torch.randint(1, 97, (2, 60), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0  # a left-padded second row: a mask per sequence
 
-    def verification_logits() -> torch.Tensor:
+    def logits(num_queries: int) -> torch.Tensor:
         cache_kwargs = {cache_keyword(base.forward): DynamicCache(config=base.config), "use_cache": True}
-        base(input_ids=input_ids[:, :36], **cache_kwargs)  # past the sliding windows (16)
-        return base(input_ids=input_ids[:, 36:], **cache_kwargs).logits
+        base(input_ids=input_ids[:, :36], attention_mask=attention_mask[:, :36], **cache_kwargs)  # past the windows
+        end = 36 + num_queries
+        return base(input_ids=input_ids[:, 36:end], attention_mask=attention_mask[:, :end], **cache_kwargs).logits
 
-    grouped_calls = []
+    kernel_calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def recording_sdpa(query, key, *args, **kwargs):
-        grouped_calls.append(key.shape[1] < query.shape[1] and query.shape[2] == 4)
+        kernel_calls.append((tuple(query.shape[1:3]), key.shape[1], kwargs.get("enable_gqa", False)))
         return sdpa(query, key, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    kv_heads, layers = base.config.num_key_value_heads, base.config.num_hidden_layers
     with torch.inference_mode():
-        standard = verification_logits()
-        assert not any(grouped_calls)  # the key and value heads were repeated first
-        with native_gqa_attention(base) as applied:
-            assert applied and os.environ[FORCE_GQA_VARIABLE] == "1"
-            native = verification_logits()
-    assert FORCE_GQA_VARIABLE not in os.environ
-    assert sum(grouped_calls) == base.config.num_hidden_layers  # the 4-token forward attends to the grouped heads
-    assert torch.equal(native, standard)
+        for num_queries in (1, 2, 4, PACKED_MAX_QUERIES, PACKED_MAX_QUERIES + 1):
+            standard = logits(num_queries)
+            with native_gqa_attention(base) as applied:
+                assert applied and _attention_implementations(base) == {GROUPED_QUERY_SDPA}
+                kernel_calls.clear()
+                grouped = logits(num_queries)
+            assert _attention_implementations(base) == {"sdpa"} and not cpu_kernels._packed_masks
+            torch.testing.assert_close(grouped, standard)
+            # Every layer attends to the grouped heads: packed for a few queries, with `enable_gqa` otherwise.
+            if 1 < num_queries <= PACKED_MAX_QUERIES:
+                expected = ((kv_heads, groups * num_queries), kv_heads, False)
+            else:
+                expected = ((kv_heads * groups, num_queries), kv_heads, True)
+            assert kernel_calls[-layers:] == [expected] * layers
 
 
-def test_native_gqa_attention_leaves_a_users_setting_and_other_devices_alone(monkeypatch):
+def test_packed_masks_are_made_once_per_mask():
+    mask = torch.tensor([[[[True, True, False], [True, True, True]]]])
+    packed = cpu_kernels._packed_additive_mask(mask, 3, torch.float32)
+    assert packed.shape == (1, 1, 6, 3) and packed.dtype == torch.float32
+    assert torch.equal(packed.isfinite(), mask.repeat(1, 1, 3, 1)) and not packed[packed.isfinite()].any()
+    assert cpu_kernels._packed_additive_mask(mask, 3, torch.float32) is packed  # the next layer reuses it
+    assert cpu_kernels._packed_additive_mask(mask.clone(), 3, torch.float32) is not packed  # the next forward not
+    cpu_kernels._packed_masks.clear()
+
+
+def test_grouped_query_sdpa_leaves_other_attention_to_transformers(monkeypatch):
+    module = nn.Module()
+    module.num_key_value_groups = 3
+    query, key = torch.randn(1, 6, 4, 8), torch.randn(1, 2, 10, 8)
+    mask = torch.ones(1, 1, 4, 10, dtype=torch.bool)
+    delegated = []
+    monkeypatch.setitem(
+        cpu_kernels.ALL_ATTENTION_FUNCTIONS, "sdpa", lambda *args, **kwargs: delegated.append(kwargs) or (None, None)
+    )
+    for kwargs in (
+        {"attention_mask": None},  # a causal prefill: Transformers' is_causal path
+        {"attention_mask": torch.zeros(1, 1, 4, 10)},  # an additive mask
+        {"attention_mask": mask, "dropout": 0.1},
+        {"attention_mask": mask, "softcap": 50.0},
+        {"attention_mask": mask, "position_bias": torch.zeros(1, 6, 4, 10)},
+    ):
+        grouped_query_sdpa(module, query, key, key, **kwargs)
+    assert len(delegated) == 5
+    module.num_key_value_groups = 1
+    grouped_query_sdpa(module, torch.randn(1, 2, 4, 8), key, key, attention_mask=mask)
+    assert len(delegated) == 6
+
+
+def test_native_gqa_attention_leaves_other_implementations_and_devices_alone():
     model = tiny_fastmtp("llama")
-    monkeypatch.setenv(FORCE_GQA_VARIABLE, "0")
-    with native_gqa_attention(model) as applied:
-        assert not applied and os.environ[FORCE_GQA_VARIABLE] == "0"
-    assert os.environ[FORCE_GQA_VARIABLE] == "0"
-
-    monkeypatch.delenv(FORCE_GQA_VARIABLE)
-    with native_gqa_attention(tiny_fastmtp("llama").to("meta")) as applied:  # GPU kernels would take a slower path
-        assert not applied and FORCE_GQA_VARIABLE not in os.environ
     with native_gqa_attention(model) as outer, native_gqa_attention(model) as nested:
-        assert outer and not nested  # the enclosing call owns the switch, and clears it
-    assert FORCE_GQA_VARIABLE not in os.environ
+        assert outer and not nested  # the enclosing call owns the switch, and restores it
+        assert _attention_implementations(model) == {GROUPED_QUERY_SDPA}
+    assert _attention_implementations(model) == {"sdpa"}
+
+    model.model.set_attn_implementation("eager")
+    with native_gqa_attention(model.model) as applied:
+        assert not applied and _attention_implementations(model.model) == {"eager"}
+    with native_gqa_attention(tiny_fastmtp("llama").to("meta")) as applied:  # GPU kernels would take a slower path
+        assert not applied

@@ -95,6 +95,11 @@ def test_sliced_lm_head_is_cached_and_follows_the_model(monkeypatch):
     assert int8.lm_head.weight.dtype == torch.int8 and model.draft_vocabulary("en") is int8
     dequantized = int8.lm_head.weight * int8.lm_head.scales.float()[:, None]
     assert (dequantized - expected).norm() < 0.01 * expected.norm()
+    lm_head = model.get_output_embeddings()
+    lm_head.load_state_dict({"weight": 2 * lm_head.weight.detach()})  # reloaded in place: new rows
+    reloaded = model.draft_vocabulary("en")
+    assert reloaded is not int8 and torch.equal(reloaded.lm_head.weight, int8.lm_head.weight)
+    torch.testing.assert_close(reloaded.lm_head.scales, 2 * int8.lm_head.scales)
     model.to(torch.float64)
     moved = model.draft_vocabulary("en")
     assert moved.lm_head.weight.dtype == torch.float64
