@@ -50,9 +50,12 @@ logger = logging.getLogger(__name__)
 PADDED_ROWS = 4  # MKL's weight-first product is fastest at 4 columns; beyond them the standard kernel is as good
 # The attention implementation (Transformers' `AttentionInterface`) that `native_gqa_attention` switches SDPA to.
 GROUPED_QUERY_SDPA = "fastmtp_grouped_query_sdpa"
-# Up to this many queries, `grouped_query_sdpa` folds a group's query heads into one (faster up to 16 on a 2-core
-# AVX-512 EPYC, even at 32).
+# Up to this many queries, `grouped_query_sdpa` folds a group's query heads into one: verification forwards (2-core
+# AVX-512 EPYC: faster at 2-16 queries, the same at 32).
 PACKED_MAX_QUERIES = 16
+# Model types whose modeling code reaches attention only through `AttentionInterface` (some others branch on the name
+# "sdpa", and would change under another one): read, and tested. The others keep Transformers' SDPA attention.
+GROUPED_QUERY_SDPA_MODEL_TYPES = frozenset({"gemma3_text", "llama", "mistral", "qwen2", "qwen3"})
 # Packed masks kept by `_packed_additive_mask`: one per layer type of the forward under way.
 PACKED_MASKS_KEPT = 4
 # Where `compact_draft_weights` keeps a layer's `DraftWeight` while it is active.
@@ -109,20 +112,25 @@ class DraftWeight(NamedTuple):
 class WeightSource:
     """
     The weights a copy was made from, as they were: the copy is current while a layer still holds these tensors with
-    the same storage, dtype, device and version (a reload gives new tensors, `.to()` new storage, and an in-place
-    update, as `load_state_dict` makes, a new version). Weights without a version (made under `inference_mode`)
-    never match, so their copies are made afresh each time.
+    the same storage, dtype, device and version. A reload gives new tensors, `.to()` new storage, and an in-place
+    update (an optimizer step, `load_state_dict`) a new version. Writes through `.data` bypass the version counter and
+    go unseen: a copy made before them only drafts worse (verification keeps the output exact) until the tensors are
+    replaced. Weights without a version (made under `inference_mode`) never match: their copies are made every time.
     """
 
     def __init__(self, *tensors: torch.Tensor | None):
-        self.tensors = tensors  # held, so that another tensor cannot take their place (and their id) meanwhile
+        # Weak references: a cached copy must not keep weights the model has replaced alive.
+        self.tensors = tuple(None if tensor is None else weakref.ref(tensor) for tensor in tensors)
         self.state = self._state(tensors)
 
     def matches(self, *tensors: torch.Tensor | None) -> bool:
         return (
             self.state is not None
             and len(tensors) == len(self.tensors)
-            and all(tensor is source for tensor, source in zip(tensors, self.tensors))
+            and all(
+                tensor is None if source is None else tensor is source()
+                for tensor, source in zip(tensors, self.tensors)
+            )
             and self._state(tensors) == self.state
         )
 
@@ -397,10 +405,11 @@ def grouped_query_sdpa(
     bias or a softcap) is left to Transformers' own SDPA attention.
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, num_queries, head_dim = query.shape
+    num_queries = query.shape[2]
     if (
         groups == 1
         or query.device.type != "cpu"
+        or torch.compiler.is_compiling()  # (the packed masks are cached by identity)
         or attention_mask is None
         or attention_mask.dtype != torch.bool
         or attention_mask.shape[1:3] != (1, num_queries)
@@ -414,7 +423,7 @@ def grouped_query_sdpa(
     if 1 < num_queries <= PACKED_MAX_QUERIES:
         # Query head j of key/value head h is head h * groups + j: folding the groups into the query axis gives each
         # key/value head groups * num_queries rows (row j * num_queries + i), which read its keys and values once.
-        query = query.reshape(batch, heads // groups, groups * num_queries, head_dim)
+        query = query.reshape(query.shape[0], key.shape[1], groups * num_queries, query.shape[-1])
         output = nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=_packed_additive_mask(attention_mask, groups, query.dtype), scale=scaling
         )
@@ -422,7 +431,8 @@ def grouped_query_sdpa(
         output = nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True
         )
-    return output.reshape(batch, heads, num_queries, head_dim).transpose(1, 2).contiguous(), None
+    # The batch comes from the output: SDPA broadcasts a batch-1 query or mask.
+    return output.reshape(output.shape[0], -1, num_queries, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _packed_additive_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -443,8 +453,12 @@ def _packed_additive_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -
 
 
 def _sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
-    """The masks `grouped_query_sdpa` takes are Transformers' SDPA masks."""
+    """`grouped_query_sdpa` takes SDPA's masks: whatever function is registered for "sdpa" when the mask is made."""
     return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
+AttentionInterface.register(GROUPED_QUERY_SDPA, grouped_query_sdpa)
+AttentionMaskInterface.register(GROUPED_QUERY_SDPA, _sdpa_mask)
 
 
 @contextmanager
@@ -458,16 +472,21 @@ def native_gqa_attention(model: nn.Module) -> Iterator[bool]:
     `PACKED_MAX_QUERIES`: verification forwards) each group's query heads fold into one head of groups x queries
     rows, so that the kernel reads each key and value head once rather than once per query head. SmolLM2-135M, 900
     cached tokens: attention over 4 queries 136 -> 113 us per layer, a verification forward 31.6 -> 30.2 ms (2
-    threads). The same scores, in the same order: the logits are bit-identical.
+    threads). The logits agree to float32 rounding.
 
-    Applies to the attention layers whose config asks for "sdpa" (the switch is that config's attention
-    implementation, registered with Transformers' `AttentionInterface`, restored on exit), when every weight is on
-    a CPU and PyTorch has `enable_gqa` (2.5). Yields whether it applied.
+    The switch is the attention implementation of the configs of the model's attention layers (the head's too):
+    those that ask for "sdpa", of a model type in `GROUPED_QUERY_SDPA_MODEL_TYPES`, when every weight is on a CPU and
+    PyTorch has `enable_gqa` (2.5). On exit each is restored, unless something else set it meanwhile. Yields whether
+    it applied.
     """
     configs = {}
     for module in model.modules():
         config = getattr(module, "config", None)
-        if getattr(module, "num_key_value_groups", 1) > 1 and getattr(config, "_attn_implementation", None) == "sdpa":
+        if (
+            getattr(module, "num_key_value_groups", 1) > 1
+            and getattr(config, "model_type", None) in GROUPED_QUERY_SDPA_MODEL_TYPES
+            and config._attn_implementation == "sdpa"
+        ):
             configs[id(config)] = config
     applies = (
         bool(configs)
@@ -475,16 +494,16 @@ def native_gqa_attention(model: nn.Module) -> Iterator[bool]:
         and all(parameter.device.type == "cpu" for parameter in model.parameters())
     )
     if applies:
-        AttentionInterface.register(GROUPED_QUERY_SDPA, grouped_query_sdpa)
-        AttentionMaskInterface.register(GROUPED_QUERY_SDPA, _sdpa_mask)
+        # The internal attribute, as `set_attn_implementation` sets it: the public setter would also reach sub-configs.
         for config in configs.values():
-            config._attn_implementation = GROUPED_QUERY_SDPA
+            config._attn_implementation_internal = GROUPED_QUERY_SDPA
     try:
         yield applies
     finally:
         if applies:
             for config in configs.values():
-                config._attn_implementation = "sdpa"
+                if config._attn_implementation_internal == GROUPED_QUERY_SDPA:
+                    config._attn_implementation_internal = "sdpa"
             _packed_masks.clear()
 
 

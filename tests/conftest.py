@@ -19,6 +19,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from hf_fastmtp import FastMTPForCausalLM
@@ -52,6 +54,8 @@ def tiny_base(architecture: str, vocab_size: int = 97, seed: int = 0, sharpness:
     elif architecture == "mistral":
         # A window shorter than the test sequences, so the sliding-window paths are exercised.
         model = MistralForCausalLM(MistralConfig(vocab_size=vocab_size, sliding_window=16, **COMMON))
+    elif architecture == "qwen3":  # (not among ARCHITECTURES: only the attention tests take it)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab_size, head_dim=8, **COMMON))
     elif architecture == "gemma3":
         config = Gemma3TextConfig(vocab_size=vocab_size, head_dim=8, sliding_window=16, **COMMON)
         model = Gemma3ForCausalLM(config)

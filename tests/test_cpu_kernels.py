@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_fastmtp
+from conftest import ARCHITECTURES, tiny_base, tiny_fastmtp
 from torch import nn
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 
 from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
@@ -345,20 +346,28 @@ def test_bench_runs_every_method_but_stock_plain_decoding_with_the_few_row_kerne
     assert not _patched(model) and _attention_implementations(model) == {"sdpa"}
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
-    base = tiny_fastmtp(architecture).model
+@pytest.fixture
+def packed_masks():
+    """The module's packed-mask cache, emptied after the test whatever happens."""
+    yield cpu_kernels._packed_masks
+    cpu_kernels._packed_masks.clear()
+
+
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, "qwen3"])
+def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch, packed_masks):
+    base = tiny_base(architecture)
     groups = base.config.num_attention_heads // base.config.num_key_value_heads
     assert groups > 1  # grouped heads: the path that changes
     input_ids = torch.randint(1, 97, (2, 60), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :5] = 0  # a left-padded second row: a mask per sequence
+    attention_mask[1, :5] = 0  # a left-padded second row: a mask per sequence, and fully masked query rows
 
-    def logits(num_queries: int) -> torch.Tensor:
+    def logits(num_queries: int, cached: int = 36) -> torch.Tensor:
         cache_kwargs = {cache_keyword(base.forward): DynamicCache(config=base.config), "use_cache": True}
-        base(input_ids=input_ids[:, :36], attention_mask=attention_mask[:, :36], **cache_kwargs)  # past the windows
-        end = 36 + num_queries
-        return base(input_ids=input_ids[:, 36:end], attention_mask=attention_mask[:, :end], **cache_kwargs).logits
+        if cached:  # past the sliding windows (16)
+            base(input_ids=input_ids[:, :cached], attention_mask=attention_mask[:, :cached], **cache_kwargs)
+        end = cached + num_queries
+        return base(input_ids=input_ids[:, cached:end], attention_mask=attention_mask[:, :end], **cache_kwargs).logits
 
     kernel_calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -369,15 +378,19 @@ def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     kv_heads, layers = base.config.num_key_value_heads, base.config.num_hidden_layers
+    cases = [(1, 36), (2, 36), (4, 36), (PACKED_MAX_QUERIES, 36), (PACKED_MAX_QUERIES + 1, 36), (12, 0)]
     with torch.inference_mode():
-        for num_queries in (1, 2, 4, PACKED_MAX_QUERIES, PACKED_MAX_QUERIES + 1):
-            standard = logits(num_queries)
+        for num_queries, cached in cases:
+            standard = logits(num_queries, cached)
             with native_gqa_attention(base) as applied:
                 assert applied and _attention_implementations(base) == {GROUPED_QUERY_SDPA}
                 kernel_calls.clear()
-                grouped = logits(num_queries)
-            assert _attention_implementations(base) == {"sdpa"} and not cpu_kernels._packed_masks
-            torch.testing.assert_close(grouped, standard)
+                grouped = logits(num_queries, cached)
+            assert _attention_implementations(base) == {"sdpa"} and not packed_masks
+            # Without a cache, the padded positions see no token: what they hold is never used, so not compared.
+            for real in [(slice(None),)] if cached else [(0,), (1, slice(5, None))]:
+                torch.testing.assert_close(grouped[real], standard[real])
+                assert torch.isfinite(grouped[real]).all()
             # Every layer attends to the grouped heads: packed for a few queries, with `enable_gqa` otherwise.
             if 1 < num_queries <= PACKED_MAX_QUERIES:
                 expected = ((kv_heads, groups * num_queries), kv_heads, False)
@@ -386,25 +399,26 @@ def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch):
             assert kernel_calls[-layers:] == [expected] * layers
 
 
-def test_packed_masks_are_made_once_per_mask():
+def test_packed_masks_are_made_once_per_mask(packed_masks):
     mask = torch.tensor([[[[True, True, False], [True, True, True]]]])
     packed = cpu_kernels._packed_additive_mask(mask, 3, torch.float32)
     assert packed.shape == (1, 1, 6, 3) and packed.dtype == torch.float32
     assert torch.equal(packed.isfinite(), mask.repeat(1, 1, 3, 1)) and not packed[packed.isfinite()].any()
     assert cpu_kernels._packed_additive_mask(mask, 3, torch.float32) is packed  # the next layer reuses it
     assert cpu_kernels._packed_additive_mask(mask.clone(), 3, torch.float32) is not packed  # the next forward not
-    cpu_kernels._packed_masks.clear()
 
 
-def test_grouped_query_sdpa_leaves_other_attention_to_transformers(monkeypatch):
+def test_grouped_query_sdpa_leaves_other_attention_to_transformers(monkeypatch, packed_masks):
     module = nn.Module()
     module.num_key_value_groups = 3
     query, key = torch.randn(1, 6, 4, 8), torch.randn(1, 2, 10, 8)
     mask = torch.ones(1, 1, 4, 10, dtype=torch.bool)
     delegated = []
     monkeypatch.setitem(
-        cpu_kernels.ALL_ATTENTION_FUNCTIONS, "sdpa", lambda *args, **kwargs: delegated.append(kwargs) or (None, None)
+        AttentionInterface._global_mapping, "sdpa", lambda *args, **kwargs: delegated.append(kwargs) or (None, None)
     )
+    output, _ = grouped_query_sdpa(module, query, key, key, attention_mask=mask)  # folded: not delegated
+    assert output.shape == (1, 4, 6, 8) and not delegated
     for kwargs in (
         {"attention_mask": None},  # a causal prefill: Transformers' is_causal path
         {"attention_mask": torch.zeros(1, 1, 4, 10)},  # an additive mask
@@ -419,15 +433,21 @@ def test_grouped_query_sdpa_leaves_other_attention_to_transformers(monkeypatch):
     assert len(delegated) == 6
 
 
-def test_native_gqa_attention_leaves_other_implementations_and_devices_alone():
+def test_native_gqa_attention_leaves_other_settings_models_and_devices_alone():
     model = tiny_fastmtp("llama")
     with native_gqa_attention(model) as outer, native_gqa_attention(model) as nested:
         assert outer and not nested  # the enclosing call owns the switch, and restores it
         assert _attention_implementations(model) == {GROUPED_QUERY_SDPA}
     assert _attention_implementations(model) == {"sdpa"}
+    with native_gqa_attention(model.model):
+        model.model.set_attn_implementation("eager")  # the user's choice, made meanwhile, stays
+    assert _attention_implementations(model.model) == {"eager"}
 
-    model.model.set_attn_implementation("eager")
-    with native_gqa_attention(model.model) as applied:
+    with native_gqa_attention(model.model) as applied:  # not SDPA
         assert not applied and _attention_implementations(model.model) == {"eager"}
+    other = tiny_base("llama")
+    other.config.model_type = "llama-like"  # its code might branch on the name "sdpa": left alone
+    with native_gqa_attention(other) as applied:
+        assert not applied and _attention_implementations(other) == {"sdpa"}
     with native_gqa_attention(tiny_fastmtp("llama").to("meta")) as applied:  # GPU kernels would take a slower path
         assert not applied
