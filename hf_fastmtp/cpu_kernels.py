@@ -17,7 +17,7 @@ value head `num_key_value_groups` times (`repeat_kv`) whenever a mask is given, 
 forward with a cache always has: a copy of the whole KV cache in every layer (SmolLM2-135M: 3x, 110 MB at 800
 tokens). PyTorch's CPU kernel takes the grouped heads as they are (`enable_gqa`) and computes the very same numbers;
 for a few queries, folding each group's query heads into one head reads every key and value head once, not once per
-query head.
+query head (the same numbers to float32 rounding).
 
 A draft step is a one-row forward of the head, memory-bound like any: its products read compact copies of the head's
 weights and of the draft vocabulary's lm_head rows (`DraftWeight`): int8 rows with a scale each, where this CPU runs
@@ -52,12 +52,12 @@ PADDED_ROWS = 4  # MKL's weight-first product is fastest at 4 columns; beyond th
 GROUPED_QUERY_SDPA = "fastmtp_grouped_query_sdpa"
 # Up to this many queries, `grouped_query_sdpa` folds a group's query heads into one: verification forwards (2-core
 # AVX-512 EPYC: faster at 2-16 queries, the same at 32).
-PACKED_MAX_QUERIES = 16
+FOLDED_MAX_QUERIES = 16
 # Model types whose modeling code reaches attention only through `AttentionInterface` (some others branch on the name
 # "sdpa", and would change under another one): read, and tested. The others keep Transformers' SDPA attention.
 GROUPED_QUERY_SDPA_MODEL_TYPES = frozenset({"gemma3_text", "llama", "mistral", "qwen2", "qwen3"})
-# Packed masks kept by `_packed_additive_mask`: one per layer type of the forward under way.
-PACKED_MASKS_KEPT = 4
+# Folded masks kept by `_folded_additive_mask` (a forward has one per layer type).
+FOLDED_MASKS_KEPT = 4
 # Where `compact_draft_weights` keeps a layer's `DraftWeight` while it is active.
 DRAFT_WEIGHT = "_fastmtp_draft_weight"
 # A heuristic: more weights than most CPU caches hold, so that one-row products over them run at memory speed, as in
@@ -81,8 +81,8 @@ _one_row_weight_first: dict[tuple, bool] = {}
 _int8_draft_weights: dict[tuple, bool] = {}
 # A head's linear layer -> the `DraftWeight` last made for it, and what from: reused while the weights are unchanged.
 _draft_weights: weakref.WeakKeyDictionary[nn.Module, tuple[WeightSource, DraftWeight]] = weakref.WeakKeyDictionary()
-# (id(mask), groups, dtype) -> (mask, packed additive mask): see `_packed_additive_mask`.
-_packed_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# (id(mask), groups, dtype) -> (mask, folded additive mask): see `_folded_additive_mask`.
+_folded_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class DraftWeight(NamedTuple):
@@ -95,6 +95,10 @@ class DraftWeight(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
     scales: torch.Tensor | None = None
+
+    @property
+    def is_int8(self) -> bool:
+        return self.scales is not None
 
     @classmethod
     def compact(cls, weight: torch.Tensor, bias: torch.Tensor | None, int8: bool) -> DraftWeight:
@@ -128,7 +132,7 @@ class WeightSource:
             self.state is not None
             and len(tensors) == len(self.tensors)
             and all(
-                tensor is None if source is None else tensor is source()
+                (tensor is None) == (source is None) and (source is None or source() is tensor)
                 for tensor, source in zip(tensors, self.tensors)
             )
             and self._state(tensors) == self.state
@@ -165,7 +169,7 @@ def few_row_linear(self: nn.Linear, input: torch.Tensor, min_rows: int = 2) -> t
     # int8 draft weights serve draft steps of up to INT8_MAX_ROWS rows (the first step of a cycle extends the head's
     # cache over the accepted drafts); float16 ones, one-row products.
     if (draft := vars(self).get(DRAFT_WEIGHT)) is not None and (
-        rows == 1 or (draft.scales is not None and rows <= INT8_MAX_ROWS)
+        rows == 1 or (draft.is_int8 and rows <= INT8_MAX_ROWS)
     ):
         return draft_linear(input, draft)
     if not min_rows <= rows <= PADDED_ROWS:
@@ -383,7 +387,7 @@ def compact_draft_weights(head: nn.Module, int8: bool) -> Iterator[int]:
 def _draft_weight(linear: nn.Linear, int8: bool) -> DraftWeight:
     """The layer's `DraftWeight` in the format asked for: the last one made, unless the weights have changed since."""
     cached = _draft_weights.get(linear)
-    if cached is None or not cached[0].matches(linear.weight, linear.bias) or (cached[1].scales is not None) != int8:
+    if cached is None or not cached[0].matches(linear.weight, linear.bias) or cached[1].is_int8 != int8:
         cached = WeightSource(linear.weight, linear.bias), DraftWeight.compact(linear.weight, linear.bias, int8)
         _draft_weights[linear] = cached
     return cached[1]
@@ -409,7 +413,7 @@ def grouped_query_sdpa(
     if (
         groups == 1
         or query.device.type != "cpu"
-        or torch.compiler.is_compiling()  # (the packed masks are cached by identity)
+        or torch.compiler.is_compiling()  # (the folded masks are cached by identity)
         or attention_mask is None
         or attention_mask.dtype != torch.bool
         or attention_mask.shape[1:3] != (1, num_queries)
@@ -420,12 +424,12 @@ def grouped_query_sdpa(
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if 1 < num_queries <= PACKED_MAX_QUERIES:
+    if 1 < num_queries <= FOLDED_MAX_QUERIES:
         # Query head j of key/value head h is head h * groups + j: folding the groups into the query axis gives each
         # key/value head groups * num_queries rows (row j * num_queries + i), which read its keys and values once.
         query = query.reshape(query.shape[0], key.shape[1], groups * num_queries, query.shape[-1])
         output = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=_packed_additive_mask(attention_mask, groups, query.dtype), scale=scaling
+            query, key, value, attn_mask=_folded_additive_mask(attention_mask, groups, query.dtype), scale=scaling
         )
     else:
         output = nn.functional.scaled_dot_product_attention(
@@ -435,21 +439,21 @@ def grouped_query_sdpa(
     return output.reshape(output.shape[0], -1, num_queries, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _packed_additive_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+def _folded_additive_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """
-    A (batch, 1, num_queries, keys) boolean mask for the packed query rows, as an additive mask (which PyTorch's CPU
+    A (batch, 1, num_queries, keys) boolean mask for the folded query rows, as an additive mask (which PyTorch's CPU
     kernel applies faster). Every layer of a forward gets the same mask object (one per layer type), so it is made
     once per forward, not once per layer.
     """
     cache_key = (id(mask), groups, dtype)
-    if (cached := _packed_masks.get(cache_key)) is not None and cached[0] is mask:
+    if (cached := _folded_masks.get(cache_key)) is not None:
         return cached[1]
-    packed = torch.zeros(mask.shape[0], 1, groups * mask.shape[2], mask.shape[3], dtype=dtype, device=mask.device)
-    packed.masked_fill_(~mask.repeat(1, 1, groups, 1), float("-inf"))
-    if len(_packed_masks) >= PACKED_MASKS_KEPT:
-        _packed_masks.clear()
-    _packed_masks[cache_key] = (mask, packed)  # the mask itself is kept too, so that its id is not reused meanwhile
-    return packed
+    folded = torch.zeros(mask.shape[0], 1, groups * mask.shape[2], mask.shape[3], dtype=dtype, device=mask.device)
+    folded.masked_fill_(~mask.repeat(1, 1, groups, 1), float("-inf"))
+    if len(_folded_masks) >= FOLDED_MASKS_KEPT:
+        _folded_masks.clear()
+    _folded_masks[cache_key] = (mask, folded)  # holding the mask keeps its id from going to another one meanwhile
+    return folded
 
 
 def _sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
@@ -469,7 +473,7 @@ def native_gqa_attention(model: nn.Module) -> Iterator[bool]:
     `TRANSFORMERS_SDPA_FORCE_GQA`) first copies every key and value head once per query head in its group whenever
     a mask is given, which a K+1-token verification forward with a cache always has: the whole KV cache, in every
     layer. PyTorch's CPU kernel takes the grouped heads as they are (`enable_gqa`), and for a few queries (up to
-    `PACKED_MAX_QUERIES`: verification forwards) each group's query heads fold into one head of groups x queries
+    `FOLDED_MAX_QUERIES`: verification forwards) each group's query heads fold into one head of groups x queries
     rows, so that the kernel reads each key and value head once rather than once per query head. SmolLM2-135M, 900
     cached tokens: attention over 4 queries 136 -> 113 us per layer, a verification forward 31.6 -> 30.2 ms (2
     threads). The logits agree to float32 rounding.
@@ -504,7 +508,7 @@ def native_gqa_attention(model: nn.Module) -> Iterator[bool]:
             for config in configs.values():
                 if config._attn_implementation_internal == GROUPED_QUERY_SDPA:
                     config._attn_implementation_internal = "sdpa"
-            _packed_masks.clear()
+            _folded_masks.clear()
 
 
 @contextmanager

@@ -412,11 +412,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         cached = self._draft_vocab_cache.get((name, size))
         bias = getattr(lm_head, "bias", None)
         # A cached slice is reused until the lm_head's weights change (a move, a reload) or drafting changes format.
-        if (
-            cached is None
-            or not cached.source.matches(lm_head.weight, bias)
-            or (cached.lm_head.scales is not None) != int8
-        ):
+        if cached is None or not cached.source.matches(lm_head.weight, bias) or cached.lm_head.is_int8 != int8:
             ids = token_ids[:size].to(lm_head.weight.device)
             weight = lm_head.weight[ids].detach()
             rows_bias = None if bias is None else bias[ids].detach()

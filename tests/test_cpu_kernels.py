@@ -13,9 +13,9 @@ from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
 from hf_fastmtp.cpu_kernels import (
     DRAFT_WEIGHT,
     DRAFT_WEIGHTS_VARIABLE,
+    FOLDED_MAX_QUERIES,
     GROUPED_QUERY_SDPA,
     ONE_ROW_WEIGHT_FIRST_VARIABLE,
-    PACKED_MAX_QUERIES,
     DraftWeight,
     compact_draft_weights,
     draft_linear,
@@ -317,7 +317,7 @@ def test_generate_restores_the_kernels_even_on_error(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, fastmtp=True)
     assert not _patched(model) and not _draft_copies(model) and _attention_implementations(model) == {"sdpa"}
-    assert not cpu_kernels._packed_masks
+    assert not cpu_kernels._folded_masks
 
 
 def test_only_float32_linear_layers_on_a_cpu():
@@ -347,14 +347,14 @@ def test_bench_runs_every_method_but_stock_plain_decoding_with_the_few_row_kerne
 
 
 @pytest.fixture
-def packed_masks():
-    """The module's packed-mask cache, emptied after the test whatever happens."""
-    yield cpu_kernels._packed_masks
-    cpu_kernels._packed_masks.clear()
+def folded_masks():
+    """The module's folded-mask cache, emptied after the test whatever happens."""
+    yield cpu_kernels._folded_masks
+    cpu_kernels._folded_masks.clear()
 
 
 @pytest.mark.parametrize("architecture", [*ARCHITECTURES, "qwen3"])
-def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch, packed_masks):
+def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch, folded_masks):
     base = tiny_base(architecture)
     groups = base.config.num_attention_heads // base.config.num_key_value_heads
     assert groups > 1  # grouped heads: the path that changes
@@ -378,7 +378,7 @@ def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch, p
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     kv_heads, layers = base.config.num_key_value_heads, base.config.num_hidden_layers
-    cases = [(1, 36), (2, 36), (4, 36), (PACKED_MAX_QUERIES, 36), (PACKED_MAX_QUERIES + 1, 36), (12, 0)]
+    cases = [(1, 36), (2, 36), (4, 36), (FOLDED_MAX_QUERIES, 36), (FOLDED_MAX_QUERIES + 1, 36), (12, 0)]
     with torch.inference_mode():
         for num_queries, cached in cases:
             standard = logits(num_queries, cached)
@@ -386,29 +386,29 @@ def test_native_gqa_attention_gives_the_same_logits(architecture, monkeypatch, p
                 assert applied and _attention_implementations(base) == {GROUPED_QUERY_SDPA}
                 kernel_calls.clear()
                 grouped = logits(num_queries, cached)
-            assert _attention_implementations(base) == {"sdpa"} and not packed_masks
+            assert _attention_implementations(base) == {"sdpa"} and not folded_masks
             # Without a cache, the padded positions see no token: what they hold is never used, so not compared.
             for real in [(slice(None),)] if cached else [(0,), (1, slice(5, None))]:
                 torch.testing.assert_close(grouped[real], standard[real])
                 assert torch.isfinite(grouped[real]).all()
-            # Every layer attends to the grouped heads: packed for a few queries, with `enable_gqa` otherwise.
-            if 1 < num_queries <= PACKED_MAX_QUERIES:
+            # Every layer attends to the grouped heads: folded for a few queries, with `enable_gqa` otherwise.
+            if 1 < num_queries <= FOLDED_MAX_QUERIES:
                 expected = ((kv_heads, groups * num_queries), kv_heads, False)
             else:
                 expected = ((kv_heads * groups, num_queries), kv_heads, True)
             assert kernel_calls[-layers:] == [expected] * layers
 
 
-def test_packed_masks_are_made_once_per_mask(packed_masks):
+def test_folded_masks_are_made_once_per_mask(folded_masks):
     mask = torch.tensor([[[[True, True, False], [True, True, True]]]])
-    packed = cpu_kernels._packed_additive_mask(mask, 3, torch.float32)
-    assert packed.shape == (1, 1, 6, 3) and packed.dtype == torch.float32
-    assert torch.equal(packed.isfinite(), mask.repeat(1, 1, 3, 1)) and not packed[packed.isfinite()].any()
-    assert cpu_kernels._packed_additive_mask(mask, 3, torch.float32) is packed  # the next layer reuses it
-    assert cpu_kernels._packed_additive_mask(mask.clone(), 3, torch.float32) is not packed  # the next forward not
+    folded = cpu_kernels._folded_additive_mask(mask, 3, torch.float32)
+    assert folded.shape == (1, 1, 6, 3) and folded.dtype == torch.float32
+    assert torch.equal(folded.isfinite(), mask.repeat(1, 1, 3, 1)) and not folded[folded.isfinite()].any()
+    assert cpu_kernels._folded_additive_mask(mask, 3, torch.float32) is folded  # the next layer reuses it
+    assert cpu_kernels._folded_additive_mask(mask.clone(), 3, torch.float32) is not folded  # the next forward not
 
 
-def test_grouped_query_sdpa_leaves_other_attention_to_transformers(monkeypatch, packed_masks):
+def test_grouped_query_sdpa_leaves_other_attention_to_transformers(monkeypatch, folded_masks):
     module = nn.Module()
     module.num_key_value_groups = 3
     query, key = torch.randn(1, 6, 4, 8), torch.randn(1, 2, 10, 8)
