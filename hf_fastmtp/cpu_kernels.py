@@ -151,7 +151,7 @@ class WeightSource:
 
 def draft_linear(input: torch.Tensor, draft: DraftWeight) -> torch.Tensor:
     """`input @ W.T + b` with a `DraftWeight`, returned in the input's dtype."""
-    if draft.scales is None:
+    if not draft.is_int8:
         return nn.functional.linear(input.to(draft.weight.dtype), draft.weight, draft.bias).to(input.dtype)
     *leading, in_features = input.shape
     # Always a fresh (aligned) buffer, also for an input that is already a bfloat16 view.
@@ -332,8 +332,13 @@ def _int8_product_applies(weights: list[tuple[torch.Tensor, torch.Tensor | None]
     return (
         hasattr(torch, "_weight_int8pack_mm")
         and bool(weights)
-        and all(is_cpu_float32(weight) and weight.shape[1] % INT8_ROW_MULTIPLE == 0 for weight, _ in weights)
+        and all(is_cpu_float32(weight) and _int8_kernel_takes(weight) for weight, _ in weights)
     )
+
+
+def _int8_kernel_takes(weight: torch.Tensor) -> bool:
+    """Rows the int8 kernel reads right: a multiple of `INT8_ROW_MULTIPLE` long."""
+    return weight.shape[1] % INT8_ROW_MULTIPLE == 0
 
 
 def _int8_is_faster(
@@ -375,7 +380,7 @@ def compact_draft_weights(head: nn.Module, int8: bool) -> Iterator[int]:
     ]
     for linear in linears:
         # A row length the int8 kernel cannot take gets a float16 copy, whatever was asked.
-        layer_int8 = int8 and linear.in_features % INT8_ROW_MULTIPLE == 0
+        layer_int8 = int8 and _int8_kernel_takes(linear.weight)
         setattr(linear, DRAFT_WEIGHT, _draft_weight(linear, layer_int8))
     try:
         yield len(linears)

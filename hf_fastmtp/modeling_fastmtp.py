@@ -408,7 +408,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         # On a CPU the head's product with these rows is memory-bound: they are kept as compact as the head's own
         # draft weights (int8 or float16, `compact_draft_weights`): a fraction of float32's time per draft step.
         compact = is_cpu_float32(lm_head.weight)
-        int8 = compact and self.int8_draft_weights()
+        int8 = self.int8_draft_weights()  # (only ever for float32 weights on a CPU)
         cached = self._draft_vocab_cache.get((name, size))
         bias = getattr(lm_head, "bias", None)
         # A cached slice is reused until the lm_head's weights change (a move, a reload) or drafting changes format.

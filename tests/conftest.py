@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from hf_fastmtp import FastMTPForCausalLM
+from hf_fastmtp.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
 # Transformers 5.23 added what one of FastMTP's savings asks for: keeping only the last hidden state of a forward
@@ -102,6 +103,13 @@ def tiny_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(params=ARCHITECTURES)
 def architecture(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=["float16", "int8"])
+def draft_weights(request, monkeypatch) -> str:
+    """Runs a test with each format of the head's compact draft weights (and draft rows)."""
+    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, request.param)
     return request.param
 
 

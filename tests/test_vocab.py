@@ -24,10 +24,8 @@ def with_maps(model, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("draft_weights", ["float16", "int8"])
 @pytest.mark.parametrize("draft_vocab", ["all", "en", "zh:7", 16, "auto"])
-def test_greedy_identical_with_compression(architecture, draft_vocab, draft_weights, monkeypatch):
-    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, draft_weights)  # the draft rows in either compact format
+def test_greedy_identical_with_compression(architecture, draft_vocab, draft_weights):  # draft rows in either format
     for seed in range(2):
         model = with_maps(tiny_fastmtp(architecture, seed=seed), seed)
         input_ids = prompt(9, seed=seed)
@@ -56,10 +54,8 @@ def test_drafts_come_only_from_the_map(monkeypatch):
     assert drafted and set(drafted) <= allowed
 
 
-@pytest.mark.parametrize("draft_weights", ["float16", "int8"])
 @pytest.mark.parametrize("do_sample_kwargs", [{}, {"top_k": 4, "temperature": 0.8}])
-def test_sampling_distribution_with_compression(do_sample_kwargs, draft_weights, monkeypatch):
-    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, draft_weights)
+def test_sampling_distribution_with_compression(do_sample_kwargs, draft_weights):
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
     model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
