@@ -44,8 +44,8 @@ from .cli import format_table, parse_lookup_tokens, parse_probability
 from .cpu_kernels import cpu_verification_kernels, one_row_products_weight_first
 from .jsonl import append_rows, iter_json_lines, read_rows, write_json
 from .modeling_fastmtp import FastMTPForCausalLM
-from .mtp_head import cache_keyword
 from .prompts import encode_chat
+from .transformers_compat import cache_keyword
 
 logger = logging.getLogger(__name__)
 

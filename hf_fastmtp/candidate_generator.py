@@ -10,6 +10,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 
+from .transformers_compat import eos_token_ids
+
 if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.utils import ModelOutput
@@ -176,13 +178,14 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self.prompt_lookup = None
         if prompt_lookup_num_tokens:
             self.prompt_lookup = PromptLookupCandidateGenerator(
-                eos_token_id=generation_config._eos_token_tensor,
+                eos_token_id=eos_token_ids(generation_config),
                 num_output_tokens=prompt_lookup_num_tokens,
                 max_matching_ngram_size=max_matching_ngram_size or 2,
                 max_length=self.max_length,
                 # Not the call's processors: lookup tests tokens against them with constant logits, which makes
                 # top-p or epsilon warpers ban arbitrary tokens; a token they do ban is rejected by verification.
             )
+        self.prompt_lookup_num_tokens = prompt_lookup_num_tokens or 0
         self.stats = FastMTPStats(
             num_draft_tokens=num_draft_tokens,
             language=language,
@@ -192,6 +195,12 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self._drafted_by_lookup = False
         self._awaiting_prefill = True
         self._clock = time.perf_counter()
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens one cycle can propose: K from the head, or N from prompt lookup (the `CandidateGenerator`
+        contract: caches record that many states back so rejected drafts can be cropped)."""
+        return max(self.num_draft_tokens, self.prompt_lookup_num_tokens)
 
     def get_candidates(
         self,

@@ -35,6 +35,7 @@ from .modeling_fastmtp import (
     FastMTPForCausalLM,
     local_draft_vocab_maps,
 )
+from .transformers_compat import ignoring_unexpected_weights
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +198,8 @@ def load_qwen2_base(folder: Path, mimo_config: dict[str, Any], dtype, device_map
 @contextmanager
 def mtp_weights_expected() -> Iterator[None]:
     """Keeps Transformers from reporting the MTP tensors of a MiMo checkpoint as unexpected when loading its base."""
-    original = Qwen2ForCausalLM._keys_to_ignore_on_load_unexpected
-    Qwen2ForCausalLM._keys_to_ignore_on_load_unexpected = [*(original or []), "^" + re.escape(MIMO_MTP_PREFIX)]
-    try:
+    with ignoring_unexpected_weights(Qwen2ForCausalLM, "^" + re.escape(MIMO_MTP_PREFIX)):
         yield
-    finally:
-        Qwen2ForCausalLM._keys_to_ignore_on_load_unexpected = original
 
 
 def weight_map(folder: Path) -> dict[str, Path]:

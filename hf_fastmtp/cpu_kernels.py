@@ -45,6 +45,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import is_torch_greater_or_equal
 
+from .transformers_compat import attn_implementation, set_attn_implementation_of_this_config
+
 logger = logging.getLogger(__name__)
 
 PADDED_ROWS = 4  # MKL's weight-first product is fastest at 4 columns; beyond them the standard kernel is as good
@@ -494,7 +496,7 @@ def native_gqa_attention(model: nn.Module) -> Iterator[bool]:
         if (
             getattr(module, "num_key_value_groups", 1) > 1
             and getattr(config, "model_type", None) in GROUPED_QUERY_SDPA_MODEL_TYPES
-            and config._attn_implementation == "sdpa"
+            and attn_implementation(config) == "sdpa"
         ):
             configs[id(config)] = config
     applies = (
@@ -503,16 +505,15 @@ def native_gqa_attention(model: nn.Module) -> Iterator[bool]:
         and all(parameter.device.type == "cpu" for parameter in model.parameters())
     )
     if applies:
-        # The internal attribute, as `set_attn_implementation` sets it: the public setter would also reach sub-configs.
         for config in configs.values():
-            config._attn_implementation_internal = GROUPED_QUERY_SDPA
+            set_attn_implementation_of_this_config(config, GROUPED_QUERY_SDPA)
     try:
         yield applies
     finally:
         if applies:
             for config in configs.values():
-                if config._attn_implementation_internal == GROUPED_QUERY_SDPA:
-                    config._attn_implementation_internal = "sdpa"
+                if attn_implementation(config) == GROUPED_QUERY_SDPA:
+                    set_attn_implementation_of_this_config(config, "sdpa")
             _folded_masks.clear()
 
 

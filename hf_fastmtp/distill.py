@@ -37,8 +37,8 @@ from transformers import (
 
 from .embedded import load_base
 from .jsonl import append_rows, iter_json_lines, iter_rows, read_rows, write_json
-from .mtp_head import cache_keyword
 from .prompts import encode_chat
+from .transformers_compat import cache_keyword
 
 logger = logging.getLogger(__name__)
 

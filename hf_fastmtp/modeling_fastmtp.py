@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import inspect
 import json
 import os
 import tempfile
-import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -24,7 +25,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import CONFIG_NAME
 
-from .candidate_generator import DraftVocabulary, FastMTPCandidateGenerator, FastMTPStats
+from .candidate_generator import DraftVocabulary, FastMTPStats
 from .configuration_fastmtp import (
     FastMTPConfig,
     base_signature,
@@ -41,7 +42,9 @@ from .cpu_kernels import (
     is_cpu_float32,
 )
 from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
-from .mtp_head import FastMTPHead, cache_keyword
+from .mtp_head import FastMTPHead
+from .speculative_decoding import fastmtp_decoding
+from .transformers_compat import cache_keyword, custom_generate_call, without_loader_internals
 
 HEAD_WEIGHTS_NAME = "model.safetensors"
 HEAD_PREFIX = "mtp_layers.0."
@@ -104,7 +107,6 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         if config.draft_vocab_maps:  # local files by now (from_pretrained resolves and downloads them)
             maps = {key: load_vocab_map(path, self.vocab_size) for key, path in config.draft_vocab_maps.items()}
             self.set_draft_vocab_maps(maps, default=config.default_draft_vocab)
-        self._fastmtp_call = threading.local()
         self.post_init()
 
     # ------------------------------------------------------------------ construction, loading and saving
@@ -161,6 +163,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         through to the base model's `from_pretrained`. `draft_vocab_maps` adds vocabulary maps (language -> local file
         or `"repo_id:filename"`); after loading, `config.draft_vocab_maps` holds every map as a local file path.
         """
+        kwargs = without_loader_internals(kwargs)
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         kwargs.pop("trust_remote_code", None)
         if config is None:
@@ -521,40 +524,24 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         draft_vocabulary, language = self.resolve_draft_vocab(draft_vocab, input_ids, kwargs.get("tokenizer"))
         check_fastmtp_call(input_ids, settings, kwargs)
 
-        self._fastmtp_call.request = {
+        drafter_options = {
             "num_draft_tokens": num_draft_tokens,
             "draft_vocabulary": draft_vocabulary,
             "language": language,
             "confidence_threshold": draft_confidence_threshold,
+            "prompt_lookup_num_tokens": call_setting(settings, kwargs, "prompt_lookup_num_tokens"),
+            "max_matching_ngram_size": call_setting(settings, kwargs, "max_matching_ngram_size"),
         }
-        try:
-            with cpu_verification_kernels(self), compact_draft_weights(self.head, self.int8_draft_weights()):
-                output = super().generate(inputs, generation_config, use_mtp=True, **kwargs)
-            stats = self._fastmtp_call.generator.stats
-        finally:
-            self._fastmtp_call.request = None
-            self._fastmtp_call.generator = None
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        stats.new_tokens = sequences.shape[1] - (input_ids.shape[1] if input_ids is not None else 0)
-        self.last_fastmtp_stats = stats
-        return output
-
-    def _get_candidate_generator(self, generation_config: GenerationConfig, logits_processor, **kwargs):
-        request = getattr(self._fastmtp_call, "request", None)
-        if request is None:
-            return super()._get_candidate_generator(
-                generation_config=generation_config, logits_processor=logits_processor, **kwargs
-            )
-        generator = FastMTPCandidateGenerator(
-            self,
-            generation_config=generation_config,
-            logits_processor=logits_processor,
-            prompt_lookup_num_tokens=generation_config.prompt_lookup_num_tokens,
-            max_matching_ngram_size=generation_config.max_matching_ngram_size,
-            **request,
-        )
-        self._fastmtp_call.generator = generator
-        return generator
+        # Not Transformers' assisted loop: ours, which stops exactly where plain decoding stops (see its module).
+        kwargs.pop("prompt_lookup_num_tokens", None)
+        kwargs.pop("max_matching_ngram_size", None)
+        with (
+            custom_generate_call(self, generation_config, kwargs) as (generation_config, loop_kwargs),
+            cpu_verification_kernels(self),
+            compact_draft_weights(self.head, self.int8_draft_weights()),
+        ):
+            decoding = functools.partial(fastmtp_decoding, drafter_options=drafter_options, **loop_kwargs)
+            return super().generate(inputs, generation_config, custom_generate=decoding, **kwargs)
 
 
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "proxies", "subfolder")
@@ -606,13 +593,35 @@ def load_base_model(
 ) -> PreTrainedModel:
     """The base a head names: any causal LM, or the Qwen2 base of a MiMo checkpoint (its own MTP layers unused)."""
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}  # the subfolder is the head's
-    if is_mimo_config(resolve_file(base_id, CONFIG_NAME, revision, hub_kwargs)):
+    if is_mimo_config(resolve_base_config(base_id, revision, hub_kwargs)):
         return fastmtp_checkpoints("Loading a MiMo base model").load_mimo_base(
             base_id, revision=revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs
         )
     return AutoModelForCausalLM.from_pretrained(
         base_id, revision=revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs
     )
+
+
+def resolve_base_config(base_id: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> str:
+    """The base model's config.json, or an error that names the base and the way to pass another one."""
+    how_to_pass = (
+        "pass the base to `from_pretrained` as `base_model=` (a loaded model, a local folder or a Hub id), "
+        "e.g. `FastMTPForCausalLM.from_pretrained(head, base_model=...)`"
+    )
+    looks_local = Path(base_id).is_absolute() or str(base_id).startswith((".", "~"))
+    if looks_local and not Path(base_id).expanduser().is_dir():
+        raise FileNotFoundError(f"The head's base model folder {str(base_id)!r} does not exist: {how_to_pass}.")
+    try:
+        return resolve_file(Path(base_id).expanduser() if looks_local else base_id, CONFIG_NAME, revision, hub_kwargs)
+    except HFValidationError as error:
+        raise FileNotFoundError(
+            f"The head's base model {str(base_id)!r} is neither a local folder nor a Hub repo id: {how_to_pass}."
+        ) from error
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise OSError(
+            f"The head's base model {str(base_id)!r} is not in the Hugging Face cache, and the Hub cannot be reached "
+            f"(offline, or HF_HUB_OFFLINE=1). Download it once while online, or {how_to_pass}."
+        ) from error
 
 
 def local_draft_vocab_maps(
@@ -686,11 +695,16 @@ def check_prompt_and_length(input_ids: torch.Tensor | None, settings: Generation
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
 
 
+def call_setting(settings: GenerationConfig, kwargs: dict, name: str):
+    """A generation setting as this call has it: its keyword argument, else its generation config's value."""
+    return kwargs.get(name, getattr(settings, name, None))
+
+
 def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfig, kwargs: dict) -> None:
     """Refuses settings FastMTP cannot serve, each with the way out."""
 
     def setting(name: str):
-        return kwargs.get(name, getattr(settings, name, None))
+        return call_setting(settings, kwargs, name)
 
     batch_size = input_ids.shape[0] if input_ids is not None else 1
     if batch_size * (setting("num_return_sequences") or 1) > 1:

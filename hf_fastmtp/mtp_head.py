@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
+
+from .transformers_compat import cache_keyword
 
 
 class FastMTPHead(nn.Module):
@@ -64,13 +63,4 @@ class FastMTPHead(nn.Module):
         return self.final_layernorm(x)
 
 
-def cache_keyword(function: Callable) -> str:
-    """
-    The keyword `function` takes a KV cache by: `cache` since Transformers 5.24, `past_key_values` before it (and in
-    remote code written for earlier versions). Transformers' own functions still take the other name until 5.40, with
-    a warning; remote code may not.
-    """
-    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
-
-
-__all__ = ["FastMTPHead", "cache_keyword"]
+__all__ = ["FastMTPHead"]

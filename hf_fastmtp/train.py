@@ -62,6 +62,7 @@ from .distill import DistillError, iter_distilled, read_manifest, tokenizer_fing
 from .embedded import load_base
 from .modeling_fastmtp import FastMTPForCausalLM
 from .prompts import encode_chat
+from .transformers_compat import attn_implementation, initialize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def recursive_head_outputs(
 
 def attention_mask_for(model: FastMTPForCausalLM, allowed: torch.BoolTensor) -> torch.Tensor:
     """The boolean mask in the form the head's attention takes a custom 4D mask: as is (SDPA) or additive (eager)."""
-    implementation = model.head_config._attn_implementation
+    implementation = attn_implementation(model.head_config)
     if implementation == "sdpa":
         return allowed
     if implementation == "eager":
@@ -1082,7 +1083,7 @@ def build_model(base: PreTrainedModel, config: TrainConfig, base_model_name_or_p
             base, num_draft_tokens=config.num_draft_tokens, base_model_name_or_path=base_model_name_or_path
         )
         if config.init == "random":
-            model.head.apply(base._init_weights)
+            initialize_weights(base, model.head)
     model.model.requires_grad_(False)
     return model
 

@@ -302,14 +302,16 @@ def test_prompt_lookup_drafts_stop_at_max_length(monkeypatch):
 
 
 def capture_generator(model, monkeypatch) -> list[FastMTPCandidateGenerator]:
+    """Every candidate generator `model` builds, in order."""
     captured = []
-    original = type(model)._get_candidate_generator
+    original = FastMTPCandidateGenerator.__init__
 
     def spy(self, *args, **kwargs):
-        captured.append(original(self, *args, **kwargs))
-        return captured[-1]
+        original(self, *args, **kwargs)
+        if self.model is model:
+            captured.append(self)
 
-    monkeypatch.setattr(type(model), "_get_candidate_generator", spy)
+    monkeypatch.setattr(FastMTPCandidateGenerator, "__init__", spy)
     return captured
 
 
@@ -528,13 +530,13 @@ def test_sampling_test_detects_gating_on_the_sampled_draft(monkeypatch):
 
 def test_sampling_test_detects_a_biased_sampler(monkeypatch):
     """Negative control: accepting every draft samples from the head's q, and the test above must notice."""
-    import transformers.generation.utils as generation_utils
+    from hf_fastmtp import speculative_decoding
 
-    def accept_all(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs):
-        bonus = torch.multinomial(new_logits[0, -1].softmax(-1), 1)
-        return torch.cat([candidate_input_ids[:, -candidate_length:], bonus[None]], dim=1), candidate_length
+    def accept_all(drafts, draft_logits, processed):
+        bonus = torch.multinomial(processed[0, -1].softmax(-1), 1)
+        return torch.cat([drafts, bonus[None]], dim=1)
 
-    monkeypatch.setattr(generation_utils, "_speculative_sampling", accept_all)
+    monkeypatch.setattr(speculative_decoding, "accept_speculative_sampling", accept_all)
     model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
     input_ids = torch.tensor([[1, 4, 2]])
     expected = exact_joint_distribution(model, input_ids, 3, lambda logits: logits)

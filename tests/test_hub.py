@@ -414,7 +414,14 @@ print(json.dumps({
 def test_head_folder_loads_and_generates_without_hf_fastmtp(tmp_path):
     model, head = saved_head(tmp_path)
     files = {path.name for path in head.iterdir()}
-    remote_code = {"modeling_fastmtp.py", "configuration_fastmtp.py", "mtp_head.py", "candidate_generator.py"}
+    remote_code = {
+        "modeling_fastmtp.py",
+        "configuration_fastmtp.py",
+        "mtp_head.py",
+        "candidate_generator.py",
+        "speculative_decoding.py",
+        "transformers_compat.py",
+    }
     assert remote_code | {"draft_vocab.py", "cpu_kernels.py"} <= files
     assert "checkpoints.py" not in files
     config = json.loads((head / "config.json").read_text())
@@ -455,6 +462,23 @@ def test_head_repo_by_id_from_an_offline_cache(tmp_path, offline_hub):
         assert torch.equal(loaded.head.state_dict()[name], tensor), name
     assert loaded.config.draft_vocab_maps == {"en": str(snapshot / "vocab" / "freq_en_60.pt")}
     assert loaded.name_or_path == "me/tiny-head"
+
+
+def test_a_head_naming_a_missing_base_folder_says_so(tmp_path):
+    _, head = saved_head(tmp_path)
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match=r"base model folder .*base' does not exist: .*base_model="):
+        FastMTPForCausalLM.from_pretrained(head)
+    # ... and the way out works.
+    assert FastMTPForCausalLM.from_pretrained(head, base_model=tiny_fastmtp("llama").model).head is not None
+
+
+def test_a_base_neither_cached_nor_local_while_offline_is_named(tmp_path, offline_hub):
+    _, head = saved_head(tmp_path)
+    config = json.loads((head / "config.json").read_text())
+    (head / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/absent-base"}))
+    with pytest.raises(OSError, match=r"'someone/absent-base' is not in the Hugging Face cache.*base_model="):
+        FastMTPForCausalLM.from_pretrained(head)
 
 
 def test_push_to_hub_uploads_exactly_the_saved_folder(tmp_path, monkeypatch):

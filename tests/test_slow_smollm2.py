@@ -145,3 +145,35 @@ def test_generate_command_streams_the_answer_and_reports_speed():
     looked_up = subprocess.run([*command, "--lookup-tokens", "3"], capture_output=True, text=True, timeout=600)
     assert looked_up.returncode == 0 and looked_up.stdout == plain.stdout, looked_up.stderr
     assert "cycles by prompt lookup" in looked_up.stderr
+
+
+def test_stop_strings_and_stopping_criteria_stop_exactly(smollm2):
+    """The issue's cases: a stop string inside an accepted run, one across a token boundary, and a user's criterion."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, tokenizer = smollm2
+    inputs = encode_chat(tokenizer, "Count from 1 to 12, one number per line, like '1. 1'.")
+    five = tokenizer.convert_tokens_to_ids("5")
+
+    class StopAtFive(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == five
+
+    cases = [
+        {"stop_strings": ["7"], "tokenizer": tokenizer},
+        {"stop_strings": ["10"], "tokenizer": tokenizer},
+        {"stop_strings": ["\n8"], "tokenizer": tokenizer},
+        {"stopping_criteria": StoppingCriteriaList([StopAtFive()])},
+    ]
+    for kwargs in cases:
+        plain = model.generate(**inputs, max_new_tokens=80, do_sample=False, **kwargs)
+        streamer = CollectingStreamer()
+        fast = model.generate(**inputs, max_new_tokens=80, do_sample=False, fastmtp=True, streamer=streamer, **kwargs)
+        new = plain[0, inputs["input_ids"].shape[1] :]
+        assert torch.equal(plain, fast), (
+            kwargs,
+            tokenizer.decode(new),
+            tokenizer.decode(fast[0, plain.shape[1] - len(new) :]),
+        )
+        assert len(new) < 80  # it did stop early
+        assert sum(streamer.chunks[1:], []) == new.tolist()
