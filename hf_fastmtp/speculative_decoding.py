@@ -68,6 +68,7 @@ def fastmtp_decoding(
     if cache is None:
         cache = DynamicCache(config=model.config.text_config)
     activate_past_recording(cache, drafter.num_drafting_tokens)
+    cache_argument = {cache_keyword(model.model.forward): cache}
     attention_mask = model_kwargs.get("attention_mask")
     prompt_length = input_ids.shape[1]
     want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
@@ -94,7 +95,7 @@ def fastmtp_decoding(
             use_cache=True,
             output_hidden_states=last_hidden_state_only(),
             logits_to_keep=num_drafts + 1,
-            **{cache_keyword(model.model.forward): cache},
+            **cache_argument,
         )
         # Position i's logits choose the token after input_ids + drafts[:i]; processors see that prefix.
         verify_logits = outputs.logits[:, -num_drafts - 1 :].to(device=input_ids.device, dtype=torch.float32)

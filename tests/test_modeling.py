@@ -247,3 +247,12 @@ def test_the_transformers_internals_hf_fastmtp_uses_are_all_there():
 
     problems = check_transformers_internals()
     assert not problems, "; ".join(problems)
+
+
+def test_per_token_attentions_and_hidden_states_are_refused_with_a_way_out():
+    model = tiny_fastmtp("llama")
+    for output in ("output_attentions", "output_hidden_states"):
+        with pytest.raises(ValueError, match="per-token attentions or hidden states.*fastmtp=False"):
+            model.generate(
+                torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, return_dict_in_generate=True, **{output: True}
+            )
