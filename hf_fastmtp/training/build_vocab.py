@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .draft_vocab import detect_language
+from ..decoding.draft_vocab import detect_language
+from .distill import iter_distilled, read_manifest
 
 DEFAULT_SIZES = (4096, 8192, 16384, 32768)
 OVERALL = "all"
@@ -125,41 +125,28 @@ def add_to_model_card(card_path: Path, chosen: dict[str, str], manifest: dict, d
     card_path.write_text(card, encoding="utf-8")
 
 
-def cmd_build_vocab(args: argparse.Namespace) -> None:
-    from .distill import iter_distilled, read_manifest
-
-    if not (args.output or args.head):
-        raise SystemExit("fastmtp build-vocab: give --output DIR, --head HEAD_DIR, or both.")
-    data_manifest = read_manifest(args.data)
-    vocab_size = data_manifest["tokenizer"]["vocab_size"]
-    rows = itertools.islice(iter_distilled(args.data), args.max_rows)
-    counts = count_tokens(rows, vocab_size)
-    maps = build_maps(counts, sorted(set(args.sizes)), min_tokens=args.min_tokens)
-    output_dir = Path(args.output or Path(args.head) / "vocab")
+def build_vocab(
+    data: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    head: str | os.PathLike | None = None,
+    sizes: Iterable[int] = DEFAULT_SIZES,
+    install_size: int | None = None,
+    max_rows: int | None = None,
+    default: str = OVERALL,
+    min_tokens: int = 10_000,
+) -> dict:
+    """
+    Counts the responses of a distilled folder (the first `max_rows`: the rows a head was trained on) and writes the
+    maps to `output_dir` (default: `head/vocab`); with `head`, installs them there. Returns the maps' manifest.
+    """
+    if output_dir is None and head is None:
+        raise ValueError("build_vocab needs output_dir, head, or both.")
+    vocab_size = read_manifest(data)["tokenizer"]["vocab_size"]
+    counts = count_tokens(itertools.islice(iter_distilled(data), max_rows), vocab_size)
+    maps = build_maps(counts, sorted(set(sizes)), min_tokens=min_tokens)
+    output_dir = Path(head) / "vocab" if output_dir is None else Path(output_dir)
     manifest = write_maps(maps, output_dir, counts)
-    if args.head:
-        install_into_head(Path(args.head), output_dir, manifest, default=args.default, size=args.install_size)
-    for language, coverage in manifest["coverage"].items():
-        shares = ", ".join(f"top-{size}: {share:.1%}" for size, share in coverage.items())
-        print(f"{language}: {manifest['tokens_counted'][language]} tokens; coverage {shares}")
-
-
-def register_cli(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "build-vocab",
-        help="frequent-token maps per language from self-distilled data",
-        description="Counts token frequencies in self-distilled responses, per detected language and overall, and "
-        "writes top-N maps (freq_<lang>_<N>.pt: 1-D tensors of token ids, most frequent first; the format of "
-        "SGLang's --speculative-token-map).",
-    )
-    parser.add_argument("--data", required=True, help="folder written by `fastmtp distill`")
-    parser.add_argument("--output", help="folder for the maps (default: HEAD/vocab)")
-    parser.add_argument("--head", help="head folder whose config.json should list the maps")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
-    parser.add_argument(
-        "--install-size", type=int, metavar="N", help="with --head: the map size to install (default: the largest)"
-    )
-    parser.add_argument("--max-rows", type=int, metavar="N", help="only the first N rows (the head's training data)")
-    parser.add_argument("--default", default=OVERALL, help="map for undetected languages (default: all)")
-    parser.add_argument("--min-tokens", type=int, default=10_000, help="fewer counted tokens: no map for a language")
-    parser.set_defaults(func=cmd_build_vocab)
+    if head is not None:
+        install_into_head(Path(head), output_dir, manifest, default=default, size=install_size)
+    return manifest

@@ -6,12 +6,32 @@ import importlib
 import os
 import re
 import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .cpu_kernels import DraftWeight, WeightSource
 
 CODE_SYMBOLS = set("{}[]();=<>#*/\\|&%$_+-`'\":")
 MIN_LETTERS = 4
 MIN_CONFIDENCE = 0.8
+VOCAB_MAP_NAME = re.compile(r"freq_(?P<key>[A-Za-z-]+)_(?P<size>\d+)\.pt")
+
+
+@dataclass(frozen=True)
+class DraftVocabulary:
+    """A restricted drafting vocabulary and the lm_head rows for it, sliced once and reused for every step."""
+
+    name: str
+    token_ids: torch.LongTensor
+    lm_head: DraftWeight
+    source: WeightSource  # the model's lm_head weights the rows were sliced from: they are reused while unchanged
+
+    @property
+    def size(self) -> int:
+        return self.token_ids.numel()
 
 
 class DraftVocabError(ValueError):
@@ -53,12 +73,15 @@ def load_vocab_map(path: str | os.PathLike, vocab_size: int) -> torch.LongTensor
     return validate_vocab_map(token_ids, vocab_size, source=str(path))
 
 
-def map_key_from_filename(path: str | os.PathLike) -> str:
-    """`freq_zh_16384.pt` -> `zh` (the naming of FastMTP's and FR-Spec's released maps)."""
-    match = re.fullmatch(r"freq_(.+?)_(\d+)\.pt", os.path.basename(path))
-    if not match:
-        raise DraftVocabError(f"{path}: expected a file named freq_<language>_<size>.pt.")
-    return match.group(1)
+def vocab_map_filename(key: str, size: int) -> str:
+    """`freq_<key>_<size>.pt`: the naming of FastMTP's and FR-Spec's released maps, and of this package's."""
+    return f"freq_{key}_{size}.pt"
+
+
+def parse_vocab_map_filename(name: str) -> tuple[str, int] | None:
+    """`freq_zh_16384.pt` -> ("zh", 16384); None for any other file name."""
+    match = VOCAB_MAP_NAME.fullmatch(name)
+    return (match["key"], int(match["size"])) if match else None
 
 
 def detect_language(text: str) -> str | None:
@@ -108,4 +131,13 @@ def last_user_message(prompt_text: str, tokenizer) -> str:
     return message.split(closer)[0] if closer else message
 
 
-__all__ = ["DraftVocabError", "detect_language", "last_user_message", "load_vocab_map", "validate_vocab_map"]
+__all__ = [
+    "DraftVocabError",
+    "DraftVocabulary",
+    "detect_language",
+    "last_user_message",
+    "load_vocab_map",
+    "parse_vocab_map_filename",
+    "validate_vocab_map",
+    "vocab_map_filename",
+]

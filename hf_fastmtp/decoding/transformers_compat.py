@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 import transformers
-from packaging.version import Version
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
-TRANSFORMERS_VERSION = Version(transformers.__version__)
+# (major, minor) of the installed Transformers: the releases this module tells apart.
+TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 
 
 def cache_keyword(function: Callable) -> str:
@@ -51,7 +51,7 @@ def activate_past_recording(cache, max_drafts: int) -> None:
 
 def last_hidden_state_only() -> int | bool:
     """`output_hidden_states=-1` keeps only the last layer's hidden state (5.23+); before, every layer's returns."""
-    return -1 if TRANSFORMERS_VERSION >= Version("5.23") else True
+    return -1 if TRANSFORMERS_VERSION >= (5, 23) else True
 
 
 def eos_token_ids(generation_config: GenerationConfig) -> torch.Tensor | None:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import inspect
-import json
 import os
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from huggingface_hub import HfApi
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import StaticCache
@@ -25,7 +20,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import CONFIG_NAME
 
-from .candidate_generator import DraftVocabulary, FastMTPStats
+from .candidate_generator import FastMTPStats
 from .configuration_fastmtp import (
     FastMTPConfig,
     base_signature,
@@ -41,16 +36,30 @@ from .cpu_kernels import (
     draft_weights_int8,
     is_cpu_float32,
 )
-from .draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map, validate_vocab_map
+from .draft_vocab import (
+    DraftVocabError,
+    DraftVocabulary,
+    detect_language,
+    last_user_message,
+    load_vocab_map,
+    validate_vocab_map,
+)
+from .hub_files import (
+    HEAD_PREFIX,
+    HEAD_WEIGHTS_NAME,
+    HUB_KWARGS,
+    is_mimo_config,
+    local_draft_vocab_maps,
+    read_safetensors,
+    resolve_base_config,
+    resolve_file,
+    save_vocab_maps,
+)
+from .mimo import load_mimo, load_mimo_base
+from .model_card import write_model_card
 from .mtp_head import FastMTPHead
 from .speculative_decoding import fastmtp_decoding
 from .transformers_compat import cache_keyword, custom_generate_call, without_loader_internals
-
-HEAD_WEIGHTS_NAME = "model.safetensors"
-HEAD_PREFIX = "mtp_layers.0."
-MIMO_MODEL_TYPE = "mimo"
-# Vocabulary maps are saved under this folder of a head folder.
-VOCAB_DIR = "vocab"
 
 
 class HeadMismatchError(ValueError):
@@ -168,7 +177,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         kwargs.pop("trust_remote_code", None)
         if config is None:
             if is_mimo_config(resolve_file(pretrained_model_name_or_path, CONFIG_NAME, revision, hub_kwargs)):
-                return fastmtp_checkpoints("Loading MiMo checkpoints").load_mimo(
+                return load_mimo(
                     cls,
                     pretrained_model_name_or_path,
                     revision=revision,
@@ -203,7 +212,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         """
         Writes a head-only folder: config (with `auto_map`), the code to load it, head weights, generation config,
         the vocabulary maps (written under `vocab/`) and a model card (README.md; `model_card_extra` as in
-        `hf_fastmtp.checkpoints.model_card`).
+        `model_card.model_card`).
         """
         save_directory = Path(save_directory)
         if save_directory.is_file():
@@ -544,133 +553,16 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, custom_generate=decoding, **kwargs)
 
 
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "proxies", "subfolder")
-
-
-def resolve_file(repo_or_dir: str | os.PathLike, filename: str, revision: str | None, hub_kwargs: dict) -> str:
-    """Path of `filename` in a local folder, or in the Hugging Face cache for a Hub repo (downloaded if needed)."""
-    local = Path(repo_or_dir) / hub_kwargs.get("subfolder", "") / filename
-    if Path(repo_or_dir).is_dir():
-        if not local.is_file():
-            raise FileNotFoundError(f"{local} is missing: {repo_or_dir} has no {filename}.")
-        return str(local)
-    return hf_hub_download(str(repo_or_dir), filename, revision=revision, **hub_kwargs)
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, json.JSONDecodeError) as error:
-        raise OSError(
-            f"Could not read the weights in {path}: the file is corrupt or truncated ({error}). "
-            "Delete it and download or save it again."
-        ) from error
-
-
-def is_mimo_config(config_file: str | os.PathLike) -> bool:
-    with open(config_file, encoding="utf-8") as file:
-        return json.load(file).get("model_type") == MIMO_MODEL_TYPE
-
-
-def fastmtp_checkpoints(purpose: str | None = None) -> ModuleType | None:
-    """
-    `hf_fastmtp.checkpoints`, imported by name: the Hub's copy of this file runs without hf_fastmtp installed, and
-    Transformers requires every package a remote-code file imports to be installed. Without hf_fastmtp: `None`, or,
-    when `purpose` says what needs it, an ImportError.
-    """
-    try:
-        return importlib.import_module("hf_fastmtp.checkpoints")
-    except ModuleNotFoundError as error:
-        if error.name not in ("hf_fastmtp", "hf_fastmtp.checkpoints"):
-            raise
-        if purpose is None:
-            return None
-        raise ImportError(f"{purpose} needs hf_fastmtp: `pip install hf_fastmtp`.") from error
-
-
 def load_base_model(
     base_id: str | os.PathLike, revision: str | None, dtype, device_map, hub_kwargs: dict, kwargs: dict
 ) -> PreTrainedModel:
     """The base a head names: any causal LM, or the Qwen2 base of a MiMo checkpoint (its own MTP layers unused)."""
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}  # the subfolder is the head's
     if is_mimo_config(resolve_base_config(base_id, revision, hub_kwargs)):
-        return fastmtp_checkpoints("Loading a MiMo base model").load_mimo_base(
-            base_id, revision=revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs
-        )
+        return load_mimo_base(base_id, revision=revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs)
     return AutoModelForCausalLM.from_pretrained(
         base_id, revision=revision, dtype=dtype, device_map=device_map, **hub_kwargs, **kwargs
     )
-
-
-def resolve_base_config(base_id: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> str:
-    """The base model's config.json, or an error that names the base and the way to pass another one."""
-    how_to_pass = (
-        "pass the base to `from_pretrained` as `base_model=` (a loaded model, a local folder or a Hub id), "
-        "e.g. `FastMTPForCausalLM.from_pretrained(head, base_model=...)`"
-    )
-    looks_local = Path(base_id).is_absolute() or str(base_id).startswith((".", "~"))
-    if looks_local and not Path(base_id).expanduser().is_dir():
-        raise FileNotFoundError(f"The head's base model folder {str(base_id)!r} does not exist: {how_to_pass}.")
-    try:
-        return resolve_file(Path(base_id).expanduser() if looks_local else base_id, CONFIG_NAME, revision, hub_kwargs)
-    except HFValidationError as error:
-        raise FileNotFoundError(
-            f"The head's base model {str(base_id)!r} is neither a local folder nor a Hub repo id: {how_to_pass}."
-        ) from error
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        raise OSError(
-            f"The head's base model {str(base_id)!r} is not in the Hugging Face cache, and the Hub cannot be reached "
-            f"(offline, or HF_HUB_OFFLINE=1). Download it once while online, or {how_to_pass}."
-        ) from error
-
-
-def local_draft_vocab_maps(
-    saved: dict[str, str] | None,
-    extra: dict[str, str] | None,
-    repo_or_dir: str | os.PathLike,
-    revision: str | None,
-    hub_kwargs: dict,
-) -> dict[str, str] | None:
-    """
-    Every vocabulary map as a local file: `saved` ones (paths in a config.json, relative to its folder or repo, or
-    already local) are resolved or downloaded; `extra` ones are local files or `"repo_id:filename"` on the Hub.
-    """
-    maps = {
-        language: path if Path(path).is_absolute() else resolve_file(repo_or_dir, path, revision, hub_kwargs)
-        for language, path in (saved or {}).items()
-    }
-    maps.update({language: resolve_vocab_map_source(source, hub_kwargs) for language, source in (extra or {}).items()})
-    return maps or None
-
-
-def resolve_vocab_map_source(source: str | os.PathLike, hub_kwargs: dict) -> str:
-    """A vocabulary map given by the user: a local file, or `"repo_id:filename"` on the Hub."""
-    if Path(source).is_file():
-        return str(Path(source).absolute())  # not resolved: a Hub cache's symlink keeps the map's file name
-    repo_id, separator, filename = str(source).partition(":")
-    if not separator or not repo_id or not filename:
-        raise FileNotFoundError(f"Vocabulary map {source!r} is neither a local file nor 'repo_id:filename'.")
-    return hf_hub_download(repo_id, filename, **{k: v for k, v in hub_kwargs.items() if k != "subfolder"})
-
-
-def save_vocab_maps(maps: dict[str, torch.LongTensor], folder: Path) -> dict[str, str] | None:
-    """Writes each map as `vocab/freq_<key>_<size>.pt`; returns the maps' paths relative to `folder`."""
-    if not maps:
-        return None
-    (folder / VOCAB_DIR).mkdir(exist_ok=True)
-    saved = {}
-    for key, token_ids in maps.items():
-        saved[key] = f"{VOCAB_DIR}/freq_{key}_{token_ids.numel()}.pt"
-        torch.save(token_ids.cpu().clone(), folder / saved[key])
-    return saved
-
-
-def write_model_card(config: FastMTPConfig, folder: Path, extra: dict[str, Any] | None) -> None:
-    """README.md from hf_fastmtp's card template; the Hub's copy of this file, running without hf_fastmtp, skips it."""
-    checkpoints = fastmtp_checkpoints()
-    if checkpoints is None:
-        return
-    (folder / "README.md").write_text(checkpoints.model_card(config, extra), encoding="utf-8")
 
 
 def check_head_fits_base(config: FastMTPConfig, base_model: PreTrainedModel) -> None:
