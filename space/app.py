@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from hf_fastmtp import FastMTPForCausalLM, load_default  # noqa: E402
-from hf_fastmtp.bench.run import Run, timed_generate  # noqa: E402
+from hf_fastmtp.bench.run import Run, first_difference, timed_generate  # noqa: E402
 from hf_fastmtp.prompts import DEMO_PROMPTS, encode_chat  # noqa: E402
 
 MAX_PROMPT_CHARS = 2000
@@ -376,7 +376,9 @@ def summarize(plain: Progress, fastmtp: Progress, greedy: bool) -> dict[str, Any
         "speedup": fastmtp.run.tokens_per_second / plain.run.tokens_per_second if plain.run.tokens_per_second else 0.0,
         "tau": stats.tau,
         "identical": identical,
-        "first_difference": None if identical is not False else first_difference(plain.run, fastmtp.run),
+        "first_difference": None
+        if identical is not False
+        else first_difference(plain.run.new_token_ids, fastmtp.run.new_token_ids),
         "language": stats.language,
         "draft_vocab_size": stats.draft_vocab_size,
         "plain": run_summary(plain),
@@ -392,14 +394,6 @@ def run_summary(progress: Progress) -> dict[str, Any]:
         "seconds": run.seconds,
         "tokens_per_second": run.tokens_per_second,
     }
-
-
-def first_difference(a: Run, b: Run) -> int:
-    """Index of the first token where two runs differ (the shorter length if one is a prefix of the other)."""
-    return next(
-        (i for i, (x, y) in enumerate(zip(a.new_token_ids, b.new_token_ids)) if x != y),
-        min(len(a.new_token_ids), len(b.new_token_ids)),
-    )
 
 
 def summary_html(summary: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""The package's shape: imports run one way (no cycle), the CLI is a leaf, the remote-code set imports nothing heavy."""
+"""The package's shape: imports run one way (no cycle), the CLI is a leaf, remote code imports nothing heavy."""
 
 from __future__ import annotations
 

@@ -242,7 +242,7 @@ def test_missing_model_package_prints_the_install_command(monkeypatch, tmp_path)
 
 
 def test_the_transformers_internals_hf_fastmtp_uses_are_all_there():
-    """Names every internal a new Transformers release changed (hf_fastmtp/transformers_compat.py), with its version."""
+    """Names every internal a new Transformers release changed (decoding/transformers_compat.py), with its version."""
     from hf_fastmtp.decoding.transformers_compat import check_transformers_internals
 
     problems = check_transformers_internals()

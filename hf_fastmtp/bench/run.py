@@ -44,6 +44,7 @@ from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 from ..decoding.transformers_compat import cache_keyword
 from ..jsonl import append_rows, iter_json_lines, read_rows, write_json
 from ..prompts import encode_chat
+from ..run_settings import changed_settings
 
 logger = logging.getLogger(__name__)
 
@@ -507,11 +508,7 @@ def _open_output(folder: Path, identity: dict, run: dict) -> None:
             settings = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise BenchError(f"{path} is not valid JSON ({error}).") from None
-        changed = [
-            f"{key} {settings.get(key)!r} there, {identity[key]!r} now"
-            for key in IDENTITY_KEYS
-            if settings.get(key) != identity[key]
-        ]
+        changed = changed_settings(settings, identity, IDENTITY_KEYS)
         assistants = {entry["assistant"] for entry in settings["runs"]} | {run["assistant"]}
         if len(assistants - {None}) > 1:
             changed.append(f"assistant {sorted(assistants - {None})}")
@@ -679,7 +676,8 @@ def render_markdown(results: dict) -> str:
         ),
         summary_table(results),
         (
-            "Speedup: the reference's total seconds over the mode's, on the same prompts. tok/s: total new tokens over "
+            "Speedup: the reference's total seconds over the mode's, on the same prompts. tok/s: total new tokens "
+            "over "
             "total seconds. tau: tokens per verification pass."
         ),
     ]

@@ -197,7 +197,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         n_last_matches: int = 0,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        """`input_ids` and up to K drafts after them; when sampling, also the distributions the drafts were drawn from."""
+        """`input_ids` and up to K drafts after them; when sampling, also the distributions they were drawn from."""
         self._num_drafted, self._drafted_by_lookup = 0, False
         max_drafts = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
         if (

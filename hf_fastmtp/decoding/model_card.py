@@ -83,8 +83,9 @@ def stage_lines(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"- Data: {rows['train']:,} rows ({tokens['train']:,} response tokens) for training, {rows['validation']:,} "
         f"rows ({tokens['validation']:,} response tokens) held out.",
-        f"- {summary['steps']:,} optimizer step{'' if summary['steps'] == 1 else 's'} ({summary['epochs']:.2f} epochs) "
-        f"in {summary['seconds'] / 3600:.2f} h{hardware} ({summary['train_tokens_per_second']:.0f} response tokens/s); "
+        f"- {summary['steps']:,} optimizer step{'' if summary['steps'] == 1 else 's'} "
+        f"({summary['epochs']:.2f} epochs) in {summary['seconds'] / 3600:.2f} h{hardware} "
+        f"({summary['train_tokens_per_second']:.0f} response tokens/s); "
         f"loss weights per draft step {weights}.",
     ]
     config = summary.get("config") or {}

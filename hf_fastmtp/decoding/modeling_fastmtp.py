@@ -332,7 +332,8 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
     ):
         """
         The base model's forward, unchanged: FastMTP only changes how `generate` proposes tokens. The KV cache passes
-        through `kwargs` under the name `generate` gives it (`cache` since Transformers 5.24, `past_key_values` before).
+        through `kwargs` under the name `generate` gives it (`cache` since Transformers 5.24, `past_key_values`
+        before).
         """
         return self.model(
             input_ids=input_ids,
@@ -385,10 +386,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         """lm_head logits of the head's output, over the whole vocabulary or over a restricted one."""
         lm_head = self.get_output_embeddings()
         head_output = head_output.to(lm_head.weight.device)
-        if vocabulary is None:
-            logits = lm_head(head_output)
-        else:
-            logits = draft_linear(head_output, vocabulary.lm_head)
+        logits = lm_head(head_output) if vocabulary is None else draft_linear(head_output, vocabulary.lm_head)
         softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap

@@ -27,7 +27,8 @@ def count_tokens(rows: Iterable[dict], vocab_size: int) -> dict[str, np.ndarray]
         ids = np.asarray(row["response_ids"], dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise ValueError(
-                f"Row {row.get('id')!r} has token ids outside [0, {vocab_size}): the data comes from another tokenizer."
+                f"Row {row.get('id')!r} has token ids outside [0, {vocab_size}): "
+                "the data comes from another tokenizer."
             )
         token_counts = np.bincount(ids, minlength=vocab_size)
         counts[OVERALL] += token_counts

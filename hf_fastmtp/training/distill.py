@@ -37,6 +37,7 @@ from transformers import (
 from ..decoding.transformers_compat import cache_keyword
 from ..jsonl import append_rows, iter_json_lines, iter_rows, read_rows, write_json
 from ..prompts import encode_chat
+from ..run_settings import changed_settings
 
 logger = logging.getLogger(__name__)
 
@@ -379,11 +380,7 @@ def _open_folder(folder: Path, identity: dict, run: dict) -> dict:
     manifest_path = folder / MANIFEST_NAME
     if manifest_path.exists():
         manifest = read_manifest(folder)
-        changed = [
-            f"{key} {manifest.get(key)!r} there, {identity[key]!r} now"
-            for key in IDENTITY_KEYS
-            if manifest.get(key) != identity[key]
-        ]
+        changed = changed_settings(manifest, identity, IDENTITY_KEYS)
         if changed:
             raise DistillError(
                 f"{folder} holds data made with other settings ({'; '.join(changed)}). Mixing them would spoil the "

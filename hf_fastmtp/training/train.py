@@ -60,6 +60,7 @@ from ..decoding.configuration_fastmtp import check_num_draft_tokens
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 from ..decoding.transformers_compat import attn_implementation, initialize_weights
 from ..prompts import encode_chat
+from ..run_settings import changed_settings
 from .distill import DistillError, iter_distilled, read_manifest, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -1087,7 +1088,7 @@ def build_model(base: PreTrainedModel, config: TrainConfig, base_model_name_or_p
 
 
 def add_lora(model: FastMTPForCausalLM, rank: int):
-    """LoRA adapters on every Linear of the head (peft); only they train. Returns the `PeftModel`, merged at the end."""
+    """LoRA adapters on every Linear of the head (peft); only they train. Returns the `PeftModel`."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -1153,7 +1154,7 @@ class TrainLog:
         self.enabled = enabled
 
     def keep_until(self, step: int) -> None:
-        """Drops the records an interrupted run wrote after the checkpoint it resumes from (all, when starting anew)."""
+        """Drops what an interrupted run logged after the checkpoint it resumes from (all, when starting anew)."""
         if self.enabled and self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             kept = [line for line in lines if line.strip() and step > 0 and json.loads(line)["step"] <= step]
@@ -1210,9 +1211,9 @@ def resume(
         return TrainState()
     saved = json.loads((checkpoint_dir / "state.json").read_text(encoding="utf-8"))
     start_over = f"Use another --output, or delete {checkpoint_dir.parent} to start over."
-    changed = {k: (saved["config"].get(k), v) for k, v in config.identity().items() if saved["config"].get(k) != v}
+    changed = changed_settings(saved["config"], config.identity())
     if changed:
-        details = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in changed.items())
+        details = "; ".join(changed)
         raise TrainError(
             f"{checkpoint_dir.parent.parent} holds a run with other settings ({details}): resume it with the same "
             f"settings. {start_over}"
