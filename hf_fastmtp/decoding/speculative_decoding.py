@@ -68,7 +68,7 @@ def fastmtp_decoding(
     if cache is None:
         cache = DynamicCache(config=model.config.text_config)
     activate_past_recording(cache, drafter.num_drafting_tokens)
-    cache_argument = {cache_keyword(model.model.forward): cache}
+    forward_options = {cache_keyword(model.model.forward): cache, "output_hidden_states": last_hidden_state_only()}
     attention_mask = model_kwargs.get("attention_mask")
     prompt_length = input_ids.shape[1]
     want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
@@ -93,19 +93,12 @@ def fastmtp_decoding(
             attention_mask=verify_mask,
             position_ids=position_ids(verify_mask, cache.get_seq_length(), new_ids.shape[1], new_ids.device),
             use_cache=True,
-            output_hidden_states=last_hidden_state_only(),
             logits_to_keep=num_drafts + 1,
-            **cache_argument,
+            **forward_options,
         )
         # Position i's logits choose the token after input_ids + drafts[:i]; processors see that prefix.
         verify_logits = outputs.logits[:, -num_drafts - 1 :].to(device=input_ids.device, dtype=torch.float32)
-        processed = torch.stack(
-            [
-                logits_processor(candidate_ids[:, : input_ids.shape[1] + i], verify_logits[:, i].clone())
-                for i in range(num_drafts + 1)
-            ],
-            dim=1,
-        )
+        processed = process_logits(logits_processor, candidate_ids, verify_logits)
 
         # 3. Accept: the agreed drafts and one token of the base's own.
         drafts = candidate_ids[:, input_ids.shape[1] :]
@@ -116,17 +109,18 @@ def fastmtp_decoding(
         else:  # drafts without a distribution (prompt lookup): sampled tokens that match them are exact too
             kept = accept_greedy(drafts, processed, sampled=torch.multinomial(processed[0].softmax(-1), 1).T)
 
-        # 4. Stop where plain decoding would: every criterion sees every prefix, one token at a time.
+        # 4. Stop where plain decoding would: every criterion sees every prefix (a view), one token at a time.
+        extended_ids = torch.cat([input_ids, kept], dim=-1)
         for length in range(1, kept.shape[1] + 1):
             if want_scores:
                 scores.append(processed[:, length - 1])
             if want_logits:
                 raw_logits.append(verify_logits[:, length - 1])
-            if stopping_criteria(torch.cat([input_ids, kept[:, :length]], dim=-1), tuple(scores) or None).all():
+            if stopping_criteria(extended_ids[:, : input_ids.shape[1] + length], tuple(scores) or None).all():
                 finished = True
                 kept = kept[:, :length]
                 break
-        input_ids = torch.cat([input_ids, kept], dim=-1)
+        input_ids = extended_ids[:, : input_ids.shape[1] + kept.shape[1]]
         if attention_mask is not None:
             attention_mask = extended(attention_mask, kept.shape[1])
         if streamer is not None:
@@ -146,6 +140,25 @@ def fastmtp_decoding(
         return input_ids
     return decoder_only_output(
         input_ids, tuple(scores) if want_scores else None, tuple(raw_logits) if want_logits else None, cache
+    )
+
+
+def process_logits(
+    logits_processor: LogitsProcessorList, candidate_ids: torch.LongTensor, verify_logits: torch.FloatTensor
+) -> torch.FloatTensor:
+    """
+    Each position's logits through the call's processors, given the prefix before it (position i follows
+    `candidate_ids` without its last K - i drafts); without processors, the logits themselves.
+    """
+    if not logits_processor:
+        return verify_logits
+    prompt_length = candidate_ids.shape[1] - verify_logits.shape[1] + 1
+    return torch.stack(
+        [
+            logits_processor(candidate_ids[:, : prompt_length + i], verify_logits[:, i].clone())
+            for i in range(verify_logits.shape[1])
+        ],
+        dim=1,
     )
 
 
