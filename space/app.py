@@ -32,7 +32,8 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from hf_fastmtp import FastMTPForCausalLM, load_default  # noqa: E402
-from hf_fastmtp.bench.run import Run, first_difference, timed_generate  # noqa: E402
+from hf_fastmtp.bench.metrics import first_difference  # noqa: E402
+from hf_fastmtp.bench.run import Run, timed_generate  # noqa: E402
 from hf_fastmtp.prompts import DEMO_PROMPTS, encode_chat  # noqa: E402
 
 MAX_PROMPT_CHARS = 2000

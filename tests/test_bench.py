@@ -12,15 +12,11 @@ import torch
 from conftest import tiny_base, tiny_tokenizer
 
 from hf_fastmtp import FastMTPForCausalLM
+from hf_fastmtp.bench import metrics, report
 from hf_fastmtp.bench import run as bench
-from hf_fastmtp.bench.run import (
-    BenchError,
-    aggregate,
-    build_modes,
-    load_questions,
-    render_markdown,
-    run_bench,
-)
+from hf_fastmtp.bench.metrics import BenchError, aggregate
+from hf_fastmtp.bench.report import render_markdown
+from hf_fastmtp.bench.run import build_modes, load_questions, run_bench
 from hf_fastmtp.cli import bench as bench_cli
 from hf_fastmtp.cli import build_parser
 from hf_fastmtp.cli.args import load_model, lookup_kwargs, resolve_confidence_threshold, resolve_device
@@ -115,7 +111,7 @@ def test_acceptance_of_gated_cycles_and_of_older_records():
     gated["head_steps"] = 5 + 3  # three cycles computed a draft they dropped
     legacy = stats([2, 2], [1, 0], cycles=2)
     del legacy["reached_per_position"], legacy["head_steps"]
-    summary = bench.acceptance([gated, legacy])
+    summary = metrics.acceptance([gated, legacy])
     assert summary["tau"] == pytest.approx((3 + 1 + 6) / 6)
     assert summary["drafted_per_position"] == [5, 4, 0]
     assert summary["acceptance_conditional"] == pytest.approx([3 / 5, 1 / 3, None])
@@ -125,11 +121,11 @@ def test_acceptance_of_gated_cycles_and_of_older_records():
 def test_lookup_cycles_count_in_tau_not_in_the_heads_acceptance():
     with_lookup = stats([2, 2], [1, 0], cycles=4)  # two head cycles, and two that drafted by prompt lookup:
     with_lookup.update(lookup_cycles=2, lookup_drafted=10, lookup_accepted=7)
-    summary = bench.acceptance([with_lookup, stats([2, 2], [2, 1], cycles=2)])
+    summary = metrics.acceptance([with_lookup, stats([2, 2], [2, 1], cycles=2)])
     assert summary["tau"] == pytest.approx((1 + 3 + 7 + 6) / 6)
     assert summary["acceptance_cumulative"] == pytest.approx([3 / 4, 1 / 4])
     assert (summary["lookup_cycles"], summary["lookup_drafted"], summary["lookup_accepted"]) == (2, 10, 7)
-    assert "lookup" in bench.acceptance_table({"by_mode": {FM: {"overall": summary}}})
+    assert "lookup" in report.acceptance_table({"by_mode": {FM: {"overall": summary}}})
 
 
 def test_lossless_counts_and_lists_mismatches():
@@ -173,9 +169,9 @@ def test_plots_for_k_and_vocabulary_sweeps(tmp_path):
                 entry["stats"]["draft_vocab_size"] = size
                 records.append(entry)
     results = aggregate(records)
-    assert bench._vocab_sizes(results) == {32: 32, "auto": 40, "full": 97}
-    assert list(bench._vocab_sizes(results)) == [32, "auto", "full"]
-    written = bench.write_plots(results, tmp_path)
+    assert report._vocab_sizes(results) == {32: 32, "auto": 40, "full": 97}
+    assert list(report._vocab_sizes(results)) == [32, "auto", "full"]
+    written = report.write_plots(results, tmp_path)
     assert sorted(path.name for path in written) == ["acceptance.png", "k_sweep.png", "speedup.png", "vocab_sweep.png"]
     assert all(path.stat().st_size > 0 for path in written)
 
@@ -189,7 +185,7 @@ def test_sweep_lines_keep_confidence_thresholds_apart():
         entry = record(0, "a", f"fastmtp-k{k}-full-{threshold}", [1], 0.5, stats([1] * k, [1] * k, 1))
         entry["options"] = options
         records.append(entry)
-    lines = bench._sweep(aggregate(records), along="num_draft_tokens")
+    lines = report._sweep(aggregate(records), along="num_draft_tokens")
     assert {name: [k for k, _ in points] for name, points in lines.items()} == {
         "vocab full": [1, 2],
         "vocab full, confidence 0.5": [1, 2],
@@ -305,7 +301,7 @@ def test_compare_keeps_lookup_and_threshold_modes_on_lines_of_their_own():
         entry = record(0, "a", f"fastmtp-k{k}-{extra}", [1], 0.5, stats([1] * k, [1] * k, 1))
         entry["options"] = {"num_draft_tokens": k, "draft_vocab": "auto", **extra}
         records.append(entry)
-    lines = bench.fastmtp_lines({"head": aggregate(records)})
+    lines = report.fastmtp_lines({"head": aggregate(records)})
     assert {name: [point["num_draft_tokens"] for point in points] for name, points in lines.items()} == {
         "head": [1, 2],
         "head (lookup 3)": [1, 2],

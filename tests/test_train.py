@@ -16,28 +16,27 @@ from test_distill import tiny_model_and_tokenizer
 from transformers import GenerationConfig
 
 import hf_fastmtp.cli
+import hf_fastmtp.training.hidden_states as hidden_states_module
+import hf_fastmtp.training.objective as objective_module
 import hf_fastmtp.training.train as train_module
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPForCausalLM
 from hf_fastmtp.cli.train import register_cli
 from hf_fastmtp.prompts import encode_chat
+from hf_fastmtp.training import TrainError
+from hf_fastmtp.training.data import Example, load_reference_examples
 from hf_fastmtp.training.distill import tokenizer_fingerprint
-from hf_fastmtp.training.train import (
+from hf_fastmtp.training.hidden_states import collate_pairs, precompute_hidden_states
+from hf_fastmtp.training.objective import (
     IGNORE_INDEX,
-    Example,
     FastMTPTrainingModule,
     LinearCrossEntropy,
-    TrainConfig,
-    TrainError,
     base_greedy_labels,
-    collate_pairs,
-    load_reference_examples,
     loss_weights,
-    precompute_hidden_states,
     recursive_attention_mask,
     recursive_head_outputs,
     step_labels,
-    train,
 )
+from hf_fastmtp.training.train import TrainConfig, train
 
 torch.set_num_threads(1)
 
@@ -84,7 +83,7 @@ def test_pairs_labels_and_valid_steps():
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_linear_cross_entropy_matches_autograd(monkeypatch, softcap):
     """The fused loss gives autograd's loss and gradient, across row chunks, with a bias and with soft-capping."""
-    monkeypatch.setattr(train_module, "CE_CHUNK_ROWS", 3)
+    monkeypatch.setattr(objective_module, "CE_CHUNK_ROWS", 3)
     torch.manual_seed(0)
     weight, bias = torch.randn(50, 8), torch.randn(50)
     hidden = torch.randn(7, 8, requires_grad=True)
@@ -133,10 +132,10 @@ def test_feature_loss_pairs_each_output_with_the_next_hidden_state():
         [hidden_states[0, 2], hidden_states[0, 3], hidden_states[0, 4], hidden_states[1, 1], hidden_states[1, 2]]
     )
     expected = F.smooth_l1_loss(predicted, target)
-    assert torch.allclose(train_module.feature_loss(output, hidden_states, selected, pair_mask), expected)
+    assert torch.allclose(objective_module.feature_loss(output, hidden_states, selected, pair_mask), expected)
     shifted = output.clone()
     shifted[:, :-1] = hidden_states[:, 1:]
-    assert train_module.feature_loss(shifted, hidden_states, selected, pair_mask) == 0
+    assert objective_module.feature_loss(shifted, hidden_states, selected, pair_mask) == 0
 
 
 def test_recursive_attention_mask_by_hand():
@@ -460,7 +459,7 @@ def test_runs_on_the_same_data_share_a_hidden_state_cache(tiny, tmp_path, monkey
     def recompute(*args, **kwargs):
         raise AssertionError("the cached hidden states should have been reused")
 
-    monkeypatch.setattr(train_module, "base_hidden_states", recompute)
+    monkeypatch.setattr(hidden_states_module, "base_hidden_states", recompute)
     second = run_config(tmp_path / "b", data, hidden_cache=str(cache))
     train(base, tokenizer, second)
     heads = [load_file(Path(c.output) / "head" / "model.safetensors") for c in (first, second)]
@@ -594,7 +593,7 @@ def test_options_are_checked_before_loading(tmp_path):
 
 
 def test_recorded_command_names_the_fastmtp_command(monkeypatch):
-    from hf_fastmtp.training.train import command_line
+    from hf_fastmtp.training.outputs import command_line
 
     module_main = Path(hf_fastmtp.cli.__file__).with_name("__main__.py")  # what `python -m hf_fastmtp.cli` runs
     assert module_main.is_file()

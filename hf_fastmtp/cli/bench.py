@@ -8,22 +8,16 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..bench.run import (
-    DEFAULT_METHODS,
-    DEFAULT_QUESTIONS,
-    METHODS,
-    REFERENCE,
+from ..bench.metrics import REFERENCE, BenchError
+from ..bench.report import (
     RESULTS_MD_NAME,
-    STOCK,
-    BenchError,
-    check_options,
     comparison_table,
     load_results,
     lossless_line,
-    run_bench,
     summary_table,
     write_comparison,
 )
+from ..bench.run import DEFAULT_METHODS, DEFAULT_QUESTIONS, METHODS, STOCK, check_options, run_bench
 from ..embedded import DEFAULT_BASE_NAME
 from ..training.distill import DistillError, selected_prompt_ids
 from .args import add_device_argument, add_dtype_argument, load_model, parse_lookup_tokens, parse_probability

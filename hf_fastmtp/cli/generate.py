@@ -8,7 +8,8 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from ..bench.run import format_table, timed_generate
+from ..bench.report import format_table
+from ..bench.run import timed_generate
 from ..prompts import DEMO_PROMPTS, encode_chat
 from .args import add_model_arguments, load_model, lookup_kwargs, resolve_confidence_threshold
 

@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 
 from ..embedded import load_base
-from ..training.train import HIDDEN_DTYPES, LABELS, TrainConfig, TrainError, format_validation, train
+from ..training import TrainError
+from ..training.train import HIDDEN_DTYPES, LABELS, TrainConfig, format_validation, train
 
 
 def register_cli(commands: argparse._SubParsersAction) -> None:
