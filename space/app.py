@@ -1,5 +1,5 @@
 """
-Gradio Space: plain autoregressive decoding and FastMTP side by side, on the same prompt, with their speed.
+Gradio Space: plain decoding in stock Transformers and FastMTP side by side, on the same prompt, with their speed.
 
 `python space/app.py` serves the embedded default (SmolLM2-135M-Instruct + its FastMTP head) on CPU, or on the GPU
 when there is one, and prints the URL. The two runs take turns (plain first), so that neither slows the other down.
@@ -90,6 +90,7 @@ CSS = """
 """
 FOOTER = (
     "The demo's FastMTP head was trained on Alpaca-derived data (CC BY-NC 4.0): non-commercial use only. "
+    "The plain side is Transformers' own generate, as it comes, and the speedup is FastMTP's over it. "
     "Timings are end to end (prompt processing included) and the runs take turns, so neither slows the other. "
     "FastMTP: Cai et al., [arXiv 2509.18362](https://arxiv.org/abs/2509.18362)."
 )
@@ -171,8 +172,9 @@ def stream_generate(
     **generate_kwargs: Any,
 ) -> Iterator[Progress]:
     """
-    Runs one timed generate() in a thread and yields its progress every `REFRESH_SECONDS`, then the finished run.
-    Closing the iterator early (a cancelled request) stops the generation.
+    Runs one timed generate() in a thread and yields its progress every `REFRESH_SECONDS`, then the finished run;
+    plain decoding runs as stock Transformers does, without this package's kernels. Closing the iterator early (a
+    cancelled request) stops the generation.
     """
     streamer = TokenGroupStreamer()
     stop = threading.Event()
@@ -251,12 +253,13 @@ def compare(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Iterator[Update]:
     """
-    Plain decoding, then FastMTP, on one prompt; yields an `Update` as each streams and a last one with the summary.
+    Plain decoding in stock Transformers, then FastMTP, on one prompt; yields an `Update` as each streams and a last
+    one with the summary (FastMTP's speedup over stock).
     `model` and `tokenizer` default to the embedded model (`load_model`). Bad input raises `gr.Error`.
     """
     if model is None or tokenizer is None:
         model, tokenizer = load_model()
-    max_new_tokens, k = int(max_new_tokens), int(k)
+    max_new_tokens, k = int(max_new_tokens), (k if k == "auto" else int(k))
     check_request(model, prompt, max_new_tokens, k, draft_vocab, temperature, confidence_threshold)
     inputs = {name: tensor.to(model.device) for name, tensor in encode_chat(tokenizer, prompt).items()}
     greedy = temperature == 0
@@ -265,7 +268,7 @@ def compare(
 
     try:
         for plain in stream_generate(model, tokenizer, inputs, fastmtp=False, **options):
-            yield render(plain, None, greedy, "Running plain autoregressive decoding…")
+            yield render(plain, None, greedy, "Running plain decoding in stock Transformers…")
         fastmtp_options = {"num_draft_tokens": k, "draft_vocab": draft_vocab}
         fastmtp_options["draft_confidence_threshold"] = float(confidence_threshold) or None
         for fastmtp in stream_generate(model, tokenizer, inputs, fastmtp=True, **fastmtp_options, **options):
@@ -279,7 +282,7 @@ def check_request(
     model: FastMTPForCausalLM,
     prompt: str,
     max_new_tokens: int,
-    k: int,
+    k: int | str,
     draft_vocab: str,
     temperature: float,
     confidence_threshold: float = 0.0,
@@ -293,8 +296,8 @@ def check_request(
         )
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise gr.Error(f"Max new tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}.")
-    if not 1 <= k <= MAX_K:
-        raise gr.Error(f"K must be between 1 and {MAX_K}, got {k}.")
+    if k != "auto" and not 1 <= k <= MAX_K:
+        raise gr.Error(f"K must be 'auto' or between 1 and {MAX_K}, got {k}.")
     allowed = [value for _, value in draft_vocab_choices(model)]
     if draft_vocab not in allowed:
         raise gr.Error(f"Unknown draft vocabulary {draft_vocab!r}; this model offers {', '.join(allowed)}.")
@@ -402,15 +405,22 @@ def summary_html(summary: dict[str, Any]) -> str:
     if summary:
         plain, fastmtp = summary["plain"], summary["fastmtp"]
         boxes = [
-            (f"{summary['speedup']:.2f}×", "speedup", "hero"),
+            (f"{summary['speedup']:.2f}×", "speedup over stock Transformers", "hero"),
             (f"{summary['tau']:.2f}", "τ (tokens per pass)", ""),
-            (f"{plain['tokens_per_second']:.3g} → {fastmtp['tokens_per_second']:.3g}", "tok/s plain → FastMTP", ""),
+            (f"{plain['tokens_per_second']:.3g} → {fastmtp['tokens_per_second']:.3g}", "tok/s stock → FastMTP", ""),
             identity_box(summary),
             (summary["language"] or "–", "language", ""),
             (f"{summary['draft_vocab_size']:,}", "draft vocabulary (tokens)", ""),
         ]
     else:
-        labels = ("speedup", "τ (tokens per pass)", "tok/s plain → FastMTP", "output", "language", "draft vocabulary")
+        labels = (
+            "speedup over stock Transformers",
+            "τ (tokens per pass)",
+            "tok/s stock → FastMTP",
+            "output",
+            "language",
+            "draft vocabulary",
+        )
         boxes = [("–", label, "") for label in labels]
     cells = "".join(
         f'<div class="box {kind}"><div class="value">{html.escape(value)}</div>'
@@ -480,7 +490,12 @@ def build_demo(model: FastMTPForCausalLM, tokenizer: PreTrainedTokenizerBase) ->
                     label="Max new tokens",
                     elem_id="max-new-tokens",
                 )
-                k = gr.Slider(1, MAX_K, value=model.config.num_draft_tokens, step=1, label="K: drafts per cycle")
+                k = gr.Dropdown(
+                    ["auto", *map(str, range(1, MAX_K + 1))],
+                    value="auto",
+                    label="K: drafts per cycle",
+                    info="auto: chosen every cycle from this machine's measured costs and the head's acceptance.",
+                )
                 draft_vocab = gr.Dropdown(
                     choices,
                     value=choices[0][1],
@@ -501,7 +516,7 @@ def build_demo(model: FastMTPForCausalLM, tokenizer: PreTrainedTokenizerBase) ->
                 )
         status = gr.Markdown(label="status", elem_id="status")
         with gr.Row(equal_height=False):
-            plain, plain_meta = output_panel("Plain autoregressive", "plain")
+            plain, plain_meta = output_panel("Plain, stock Transformers", "plain")
             fastmtp, fastmtp_meta = output_panel("FastMTP", "fastmtp")
         gr.HTML(LEGEND, elem_id="legend")
         summary = gr.HTML(summary_html({}), label="summary", elem_id="summary")

@@ -24,7 +24,15 @@ from transformers import (
 )
 
 from hf_fastmtp import FastMTPForCausalLM
-from hf_fastmtp.decoding.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
+from hf_fastmtp.decoding import modeling_fastmtp
+from hf_fastmtp.decoding.calibration import CALIBRATED_ROWS, Calibration, calibration_key
+from hf_fastmtp.decoding.cpu_kernels import (
+    LINEAR_KERNELS,
+    CPUKernels,
+    KernelChoice,
+    prepacking_available,
+    shape_name,
+)
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
 # Transformers 5.23 added what one of FastMTP's savings asks for: keeping only the last hidden state of a forward
@@ -106,11 +114,60 @@ def architecture(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=["float16", "int8"])
+@pytest.fixture(autouse=True, scope="session")
+def calibration_cache(tmp_path_factory):
+    """Calibrations measured by the tests go to a folder of their own, not the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_FASTMTP_CACHE", str(tmp_path_factory.mktemp("hf_fastmtp_cache")))
+        yield
+
+
+def every_kernel(model, kernel: str, draft_weights: str) -> KernelChoice:
+    """`kernel` for every linear layer shape of `model` and row count, grouped attention at every query count."""
+    shapes = {shape_name(module.weight) for module in model.modules() if isinstance(module, torch.nn.Linear)}
+    return KernelChoice(
+        linear={shape: (kernel,) * CALIBRATED_ROWS for shape in shapes},
+        grouped_attention_queries=tuple(range(1, CALIBRATED_ROWS + 1)),
+        draft_weights=draft_weights,
+    )
+
+
+def use_kernels(monkeypatch, kernel: str, draft_weights: str, verify_seconds: Sequence[float] | None = None) -> None:
+    """Every model generates with `every_kernel` (and, for "auto", these costs) instead of a measured calibration."""
+    verify_seconds = list(verify_seconds or [1.0] * CALIBRATED_ROWS)
+
+    def calibration(model, remeasure=False):
+        choice = every_kernel(model, kernel, draft_weights)
+        return Calibration(calibration_key(model), choice, verify_seconds, verify_seconds, draft_step_seconds=0.01)
+
+    monkeypatch.setattr(modeling_fastmtp, "load_or_calibrate", calibration)
+
+
+def kernel_entries(monkeypatch) -> list:
+    """A list that gets an item each time a `generate` call enters `CPUKernels` (calibration's own runs aside)."""
+    entered = []
+
+    class CountedKernels(CPUKernels):
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(modeling_fastmtp, "CPUKernels", CountedKernels)
+    return entered
+
+
+KERNEL_SETTINGS = [("weight_first", "float16"), ("stock", "int8")] + (
+    [("prepacked", "native")] if prepacking_available() else []
+)
+
+
+@pytest.fixture(params=KERNEL_SETTINGS, ids=lambda setting: "-".join(setting))
 def draft_weights(request, monkeypatch) -> str:
-    """Runs a test with each format of the head's compact draft weights (and draft rows)."""
-    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, request.param)
-    return request.param
+    """Runs a test with each linear kernel and each format of the head's compact draft weights (and draft rows)."""
+    kernel, weight_format = request.param
+    assert kernel in LINEAR_KERNELS
+    use_kernels(monkeypatch, kernel, weight_format)
+    return weight_format
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base, tiny_tokenizer
+from conftest import kernel_entries, tiny_base, tiny_tokenizer
 
 from hf_fastmtp import FastMTPForCausalLM
 from hf_fastmtp.bench import metrics, report
@@ -44,7 +44,7 @@ def stats(drafted: list[int], accepted: list[int], cycles: int, reached: list[in
 
 
 def record(question_id, category, mode, ids, seconds, stats=None) -> dict:
-    method = mode.split("-")[0]
+    method = mode if mode in bench.METHODS else mode.split("-")[0]
     options = {"num_draft_tokens": 2, "draft_vocab": "full"} if method == "fastmtp" else {}
     return {
         "question_id": question_id,
@@ -59,28 +59,31 @@ def record(question_id, category, mode, ids, seconds, stats=None) -> dict:
 
 
 FM = "fastmtp-k2-full"
+STOCK = "ar-stock"  # the reference: plain decoding in stock Transformers
 RECORDS = [
-    record(1, "a", "ar", [1, 2, 3, 4], 2.0),
+    record(1, "a", STOCK, [1, 2, 3, 4], 2.0),
+    record(1, "a", "ar", [1, 2, 3, 4], 1.6),  # plain decoding under the package's kernels: the second column
     record(1, "a", FM, [1, 2, 3, 4], 1.0, stats([3, 3], [2, 1], cycles=3)),
     record(1, "a", "pld-10", [1, 2, 3, 4], 1.6),
-    record(2, "a", "ar", [5, 6], 1.0),
+    record(2, "a", STOCK, [5, 6], 1.0),
     record(2, "a", FM, [5, 6], 0.5, stats([1, 1], [1, 0], cycles=1)),
-    record(2, "a", "pld-10", [5, 7], 1.0),  # differs from ar at token 1
-    record(3, "b", "ar", [7, 8, 9], 3.0),
+    record(2, "a", "pld-10", [5, 7], 1.0),  # differs from the reference at token 1
+    record(3, "b", STOCK, [7, 8, 9], 3.0),
     record(3, "b", FM, [7, 8, 9], 2.0, stats([2, 2], [1, 1], cycles=2)),
-    record(4, "b", FM, [1], 0.5, stats([1, 1], [0, 0], cycles=1)),  # no ar record: not in the speedup
+    record(4, "b", FM, [1], 0.5, stats([1, 1], [0, 0], cycles=1)),  # no reference record: not in the speedup
 ]
 
 
 def test_aggregate_hand_computed():
     results = aggregate(RECORDS)
-    assert results["modes"] == ["ar", FM, "pld-10"]
+    assert metrics.REFERENCE == results["reference"] == STOCK
+    assert results["modes"] == [STOCK, "ar", FM, "pld-10"]
     assert results["categories"] == ["a", "b"]
 
     overall = results["by_mode"][FM]["overall"]
     assert overall["prompts"] == 4 and overall["new_tokens"] == 10 and overall["seconds"] == pytest.approx(4.0)
     assert overall["tokens_per_second"] == pytest.approx(10 / 4.0)
-    assert overall["speedup"] == pytest.approx((2.0 + 1.0 + 3.0) / (1.0 + 0.5 + 2.0))  # question 4 has no ar run
+    assert overall["speedup"] == pytest.approx((2.0 + 1.0 + 3.0) / (1.0 + 0.5 + 2.0))  # question 4: no reference run
     assert overall["cycles"] == 7
     assert overall["tau"] == pytest.approx((6 + 7) / 7)  # (accepted drafts + cycles) / cycles
     assert overall["drafted_per_position"] == [7, 7] and overall["accepted_per_position"] == [4, 2]
@@ -101,7 +104,9 @@ def test_aggregate_hand_computed():
     assert pld["overall"]["speedup"] == pytest.approx(3.0 / 2.6)
     assert pld["overall"]["tokens_per_second"] == pytest.approx(6 / 2.6)
     assert "tau" not in pld["overall"] and "b" not in pld["categories"]
-    assert results["by_mode"]["ar"]["overall"]["speedup"] == pytest.approx(1.0)
+    assert results["by_mode"][STOCK]["overall"]["speedup"] == pytest.approx(1.0)
+    kernels = results["by_mode"]["ar"]
+    assert kernels["overall"]["speedup"] == pytest.approx(2.0 / 1.6) and list(kernels["categories"]) == ["a"]
 
 
 def test_acceptance_of_gated_cycles_and_of_older_records():
@@ -130,7 +135,7 @@ def test_lookup_cycles_count_in_tau_not_in_the_heads_acceptance():
 
 def test_lossless_counts_and_lists_mismatches():
     check = aggregate(RECORDS)["lossless"]
-    assert check["compared"] == 5  # FastMTP on questions 1-3, pld on 1-2; question 4 has nothing to compare with
+    assert check["compared"] == 6  # ar on 1, FastMTP on 1-3, pld on 1-2; question 4 has nothing to compare with
     assert check["mismatches"] == [{"question_id": 2, "category": "a", "mode": "pld-10", "first_difference": 1}]
     assert check["identical"] is False
     assert aggregate([r for r in RECORDS if r["mode"] != "pld-10"])["lossless"]["identical"] is True
@@ -150,18 +155,28 @@ def test_markdown_tables():
     text = render_markdown(results)
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| category"))
-    assert "ar tok/s" in header and "ar speedup" not in header and "pld-10 tau" not in header
+    # The reference first, with its tok/s only; then `ar`, with its speedup over stock like every other mode.
+    cells = [cell.strip() for cell in header.split("|")[2:-1]]
+    assert cells[:3] == [
+        "plain, stock Transformers tok/s",
+        "plain, hf_fastmtp kernels speedup",
+        "plain, hf_fastmtp kernels tok/s",
+    ]
+    assert "plain, stock Transformers speedup" not in header and "pld-10 tau" not in header
     assert f"{FM} speedup" in header and f"{FM} tau" in header
     overall = next(line for line in lines if line.startswith("| overall"))
+    assert "1.25x" in overall  # ar's speedup over stock: 2.0 / 1.6 s
     assert "1.71x" in overall and "1.86" in overall  # FastMTP speedup 6/3.5 and tau 13/7
     assert "57% / 57%" in text and "29% / 50%" in text  # position 1 and 2, cumulative / conditional
-    assert "NO, 1 of 5 outputs differ" in text and "question 2 (a, pld-10, from token 1)" in text
+    assert "Speedup: plain, stock Transformers (`ar-stock`)'s total seconds" in text
+    assert "NO, 1 of 6 outputs differ from plain, stock Transformers (`ar-stock`)" in text
+    assert "question 2 (a, pld-10, from token 1)" in text
 
 
 def test_plots_for_k_and_vocabulary_sweeps(tmp_path):
     records = []
     for question_id in range(2):
-        records.append(record(question_id, "a", "ar", [1, 2, 3], 1.0))
+        records.append(record(question_id, "a", STOCK, [1, 2, 3], 1.0))
         for k in (1, 2):
             for vocab, size in (("full", 97), (32, 32), ("auto", 40)):
                 entry = record(question_id, "a", f"fastmtp-k{k}-{vocab}", [1, 2, 3], 0.8, stats([2] * k, [1] * k, 2))
@@ -177,7 +192,7 @@ def test_plots_for_k_and_vocabulary_sweeps(tmp_path):
 
 
 def test_sweep_lines_keep_confidence_thresholds_apart():
-    records = [record(0, "a", "ar", [1], 1.0)]
+    records = [record(0, "a", STOCK, [1], 1.0)]
     for k, threshold in itertools.product((1, 2), (None, 0.5)):
         options = {"num_draft_tokens": k, "draft_vocab": "full"}
         if threshold is not None:
@@ -194,14 +209,22 @@ def test_sweep_lines_keep_confidence_thresholds_apart():
 
 def test_modes_and_question_selection(tmp_path):
     labels = [mode.label for mode in build_modes(["fastmtp", "pld"], [1, 3], ["full", 8192], pld_tokens=5)]
-    assert labels == ["ar", "fastmtp-k1-full", "fastmtp-k1-8192", "fastmtp-k3-full", "fastmtp-k3-8192", "pld-5"]
+    assert labels == [STOCK, "fastmtp-k1-full", "fastmtp-k1-8192", "fastmtp-k3-full", "fastmtp-k3-8192", "pld-5"]
+    # The reference runs first whatever the order asked for; by default `ar` is the second column.
+    assert [mode.label for mode in build_modes(["ar", STOCK], [1])] == [STOCK, "ar"]
+    assert [mode.label for mode in build_modes(bench.DEFAULT_METHODS, [1])] == [
+        STOCK,
+        "ar",
+        "fastmtp-k1-full",
+        "pld-10",
+    ]
     with pytest.raises(BenchError, match="Unknown mode"):
         build_modes(["eagle"], [3])
     gated = build_modes(["fastmtp"], [3], ["auto"], confidence_thresholds=[None, 0.5])
-    assert [mode.label for mode in gated] == ["ar", "fastmtp-k3-auto", "fastmtp-k3-auto-c0.5"]
+    assert [mode.label for mode in gated] == [STOCK, "fastmtp-k3-auto", "fastmtp-k3-auto-c0.5"]
     assert gated[2].options == {"num_draft_tokens": 3, "draft_vocab": "auto", "draft_confidence_threshold": 0.5}
     lookup = build_modes(["fastmtp"], [3], ["auto"], lookup_tokens=[None, 6])
-    assert [mode.label for mode in lookup] == ["ar", "fastmtp-k3-auto", "fastmtp-k3-auto-lookup6"]
+    assert [mode.label for mode in lookup] == [STOCK, "fastmtp-k3-auto", "fastmtp-k3-auto-lookup6"]
     assert lookup[2].options == {"num_draft_tokens": 3, "draft_vocab": "auto", "prompt_lookup_num_tokens": 6}
 
     path = write_questions(tmp_path / "q.jsonl", categories=("x", "y"), per_category=3)
@@ -257,7 +280,7 @@ def write_results(folder: Path, accepted: list[int]) -> Path:
     """A bench folder with K=1 and K=2 runs of a head that accepts `accepted` drafts by position (of 2 per cycle)."""
     records = []
     for question_id in range(2):
-        records.append(record(question_id, "a", "ar", [1, 2, 3], 1.0))
+        records.append(record(question_id, "a", STOCK, [1, 2, 3], 1.0))
         for k in (1, 2):
             entry = record(question_id, "a", f"fastmtp-k{k}-full", [1, 2, 3], 0.5, stats([2] * k, accepted[:k], 2))
             entry["options"] = {"num_draft_tokens": k, "draft_vocab": "full"}
@@ -286,6 +309,7 @@ def test_compare_runs(tmp_path, capsys):
         "100% / 50%",
     ]
     assert [cell.strip() for cell in rows["weak"].split("|")[2:-1]] == ["1.50", "2.00x", "1.50", "2.00x", "50% / 0%"]
+    assert "speedups over plain, stock Transformers (`ar-stock`)" in table
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
     assert "strong" in capsys.readouterr().out
 
@@ -296,7 +320,7 @@ def test_compare_runs(tmp_path, capsys):
 
 
 def test_compare_keeps_lookup_and_threshold_modes_on_lines_of_their_own():
-    records = [record(0, "a", "ar", [1], 1.0)]
+    records = [record(0, "a", STOCK, [1], 1.0)]
     for k, extra in itertools.product((1, 2), ({}, {"prompt_lookup_num_tokens": 3})):
         entry = record(0, "a", f"fastmtp-k{k}-{extra}", [1], 0.5, stats([1] * k, [1] * k, 1))
         entry["options"] = {"num_draft_tokens": k, "draft_vocab": "auto", **extra}
@@ -330,8 +354,8 @@ def tiny():
     return FastMTPForCausalLM.from_base(tiny_base("llama", vocab_size=len(tokenizer))), tokenizer
 
 
-RUN = {"methods": ["ar", "fastmtp", "pld"], "num_draft_tokens": [1, 2], "max_new_tokens": 12, "progress": False}
-MODES = ["ar", "fastmtp-k1-full", "fastmtp-k2-full", "pld-10"]
+RUN = {"methods": bench.DEFAULT_METHODS, "num_draft_tokens": [1, 2], "max_new_tokens": 12, "progress": False}
+MODES = [STOCK, "ar", "fastmtp-k1-full", "fastmtp-k2-full", "pld-10"]
 
 
 def read_records(output: Path) -> list[dict]:
@@ -365,38 +389,38 @@ def test_end_to_end_writes_every_output(tiny, tmp_path):
     assert all(len(r["new_token_ids"]) == 12 and r["seconds"] > 0 for r in records)
     assert all((r["stats"] is None) == (r["method"] != "fastmtp") for r in records)
     # Rotated: each prompt starts with another mode.
-    assert [records[i * len(MODES)]["mode"] for i in range(4)] == MODES
+    assert [records[i * len(MODES)]["mode"] for i in range(4)] == MODES[:4]
 
     assert results["by_mode"]["fastmtp-k2-full"]["overall"]["tau"] > 1  # drafts were accepted
-    assert results["lossless"] == {"compared": 12, "mismatches": [], "identical": True}
+    assert results["lossless"] == {"compared": 16, "mismatches": [], "identical": True}
     assert results["modes"] == MODES and results["categories"] == ["writing", "qa"]
     assert set(results["by_mode"]["fastmtp-k2-full"]["categories"]) == {"writing", "qa"}
     assert json.loads((output / "results.json").read_text()) == json.loads(json.dumps(results))
     text = (output / "results.md").read_text()
-    assert "**Lossless**: yes, all 12 outputs are identical to `ar`." in text
+    assert "**Lossless**: yes, all 16 outputs are identical to plain, stock Transformers (`ar-stock`)." in text
+    assert "| category | plain, stock Transformers tok/s | plain, hf_fastmtp kernels speedup |" in text
     assert "**Hardware**:" in text and "| overall" in text and "k=2" in text
-    assert results["hardware"]["one_row_weight_first"] is False  # a model this small is never timed
-    # Verification cost: one base forward over n = 1..K+1 new tokens, for the largest K run.
-    assert list(results["forward_ms"]) == [1, 2, 3] and all(ms > 0 for ms in results["forward_ms"].values())
-    assert "## Verification cost on this hardware" in text and "| relative to n = 1 | 1.00x |" in text
+    assert "grouped attention" in results["hardware"]["kernels"]
+    # Verification cost, from the calibration: one base forward over n = 1..8 new tokens, chosen and stock kernels.
+    assert list(results["forward_ms"]["stock"]) == list(range(1, 9))
+    assert all(ms > 0 for ms in results["forward_ms"]["chosen"].values())
+    assert "## Verification cost on this hardware" in text and "| ms, stock Transformers |" in text
 
 
-def test_stock_plain_decoding_runs_without_the_cpu_kernels(tiny, tmp_path, monkeypatch):
+def test_the_reference_runs_without_the_cpu_kernels(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
-    entered = []
-    kernels = bench.cpu_verification_kernels
-    monkeypatch.setattr(bench, "cpu_verification_kernels", lambda model: entered.append(1) or kernels(model))
+    entered = kernel_entries(monkeypatch)
     questions = write_questions(tmp_path / "q.jsonl")
     results = run_bench(
         model,
         tokenizer,
         tmp_path / "out",
         questions=questions,
-        methods=["ar-stock"],
+        methods=["ar"],
         max_new_tokens=12,
         progress=False,
     )
-    assert results["modes"] == ["ar", "ar-stock"]
+    assert results["modes"] == [STOCK, "ar"]
     assert len(entered) == 1 + 4  # `ar` only: its warm-up and one run per prompt
     assert results["lossless"] == {"compared": 4, "mismatches": [], "identical": True}
 
@@ -406,7 +430,7 @@ def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
     output, questions = tmp_path / "out", write_questions(tmp_path / "q.jsonl")
     complete = run_bench(model, tokenizer, output, questions=questions, **RUN)
     lines = (output / "records.jsonl").read_bytes().splitlines(keepends=True)
-    # Interrupted while writing record 13 of 16: 12 whole lines and a torn one.
+    # Interrupted while writing record 13 of 20: 12 whole lines and a torn one.
     (output / "records.jsonl").write_bytes(b"".join(lines[:12]) + lines[12][:25])
 
     calls = []
@@ -420,14 +444,14 @@ def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
     resumed = run_bench(model, tokenizer, output, questions=questions, **RUN)
 
     # Only the missing records were produced (after a warm-up for each mode they need).
-    assert calls.count(RUN["max_new_tokens"]) == 4 and calls.count(bench.WARM_UP_TOKENS) <= len(MODES)
+    assert calls.count(RUN["max_new_tokens"]) == 8 and calls.count(bench.WARM_UP_TOKENS) <= len(MODES)
     new_lines = (output / "records.jsonl").read_bytes().splitlines(keepends=True)
-    assert new_lines[:12] == lines[:12] and len(new_lines) == 16
+    assert new_lines[:12] == lines[:12] and len(new_lines) == 20
     assert {(r["question_id"], r["mode"]) for r in read_records(output)} == {
         (question_id, mode) for question_id in range(4) for mode in MODES
     }
     assert deterministic(resumed) == deterministic(complete)
-    assert json.loads((output / "results.json").read_text())["by_mode"]["ar"]["overall"]["prompts"] == 4
+    assert json.loads((output / "results.json").read_text())["by_mode"][STOCK]["overall"]["prompts"] == 4
 
     calls.clear()
     run_bench(model, tokenizer, output, questions=questions, **RUN)  # nothing left: only the reports again
@@ -446,7 +470,7 @@ def test_assisted_decoding_with_a_draft_model(tiny, tmp_path):
         **{**RUN, "methods": ["assisted"]},
         assistant_model=assistant,
     )
-    assert results["modes"] == ["ar", "assisted"]
+    assert results["modes"] == [STOCK, "assisted"]
     assert results["lossless"] == {"compared": 2, "mismatches": [], "identical": True}
     assert results["by_mode"]["assisted"]["overall"]["speedup"] > 0
 
@@ -475,6 +499,23 @@ def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     for name, tensor in model.head.state_dict().items():
         assert torch.equal(loaded.head.state_dict()[name], tensor.bfloat16())
+
+
+def test_demo_times_stock_transformers_against_fastmtp(tiny, tmp_path, monkeypatch, capsys):
+    """The demo's plain side enters none of this package's kernels: its speedup is over Transformers as it comes."""
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "head")
+    model.model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    entered = kernel_entries(monkeypatch)
+    argv = ["demo", "--base", str(tmp_path / "base"), "--head", str(tmp_path / "head"), "--max-new-tokens", "8"]
+    args = build_parser().parse_args([*argv, "--prompts", "why is the sky blue", "write a poem about the sea"])
+    args.func(args)
+    assert len(entered) == 2  # the two FastMTP runs only
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("Plain decoding in stock Transformers") for line in lines)
+    assert "| stock s | stock tok/s | FastMTP s |" in next(line for line in lines if line.startswith("| prompt"))
+    assert next(line for line in lines if line.startswith("| overall")).rstrip(" |").endswith("yes")
 
 
 def test_device_option():

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections import Counter
 
 import pytest
 import torch
-from conftest import needs_transformers_5_23, tiny_fastmtp
+from conftest import needs_transformers_5_23, tiny_fastmtp, use_kernels
 from transformers import DynamicCache
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.generation.streamers import BaseStreamer
 
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats
-from hf_fastmtp.decoding import modeling_fastmtp
 
 
 def prompt(length: int, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
@@ -320,7 +318,7 @@ def capture_generator(model, monkeypatch) -> list[FastMTPCandidateGenerator]:
 def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeypatch, lookup_tokens):
     model = tiny_fastmtp(architecture)
     # Float32 draft steps, like the one-shot reference: this checks the cache's bookkeeping to float32 rounding.
-    monkeypatch.setattr(modeling_fastmtp, "compact_draft_weights", lambda head, int8: contextlib.nullcontext(0))
+    use_kernels(monkeypatch, "stock", "native")
     input_ids = prompt(11) if lookup_tokens is None else looping_prompt()
     if lookup_tokens is not None:  # cycles of up to 6 lookup drafts, between the head's own
         reference_output = greedy(model, input_ids, max_new_tokens=30)

@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
-from conftest import tiny_base, tiny_tokenizer
+from conftest import kernel_entries, tiny_base, tiny_tokenizer
 from gradio_client import Client
 from test_distill import WORDS
 from transformers import PreTrainedTokenizerFast
@@ -159,6 +159,18 @@ def test_compare_streams_plain_then_fastmtp(tiny):
     assert details["tau"] == pytest.approx(stats["tau"]) and details["speedup"] > 0
     assert list(final.acceptance["acceptance"]) == pytest.approx(stats["acceptance_cumulative"])
     assert "identical" in final.summary and "×" in final.summary
+    assert "speedup over stock Transformers" in final.summary and "tok/s stock → FastMTP" in final.summary
+
+
+def test_plain_side_is_stock_transformers(tiny, monkeypatch):
+    """The plain run enters none of this package's kernels: the speedup is over Transformers as it comes."""
+    model, tokenizer = tiny
+    entered = kernel_entries(monkeypatch)
+    inputs = encode_chat(tokenizer, "why is the sky blue")
+    plain = list(app.stream_generate(model, tokenizer, inputs, fastmtp=False, max_new_tokens=8, do_sample=False))
+    assert plain[-1].run is not None and not entered
+    list(app.stream_generate(model, tokenizer, inputs, fastmtp=True, max_new_tokens=8, do_sample=False))
+    assert len(entered) == 1
 
 
 def test_compare_sampling_reports_no_identity(tiny):
@@ -183,7 +195,7 @@ def test_confidence_gate_keeps_the_output(tiny):
         ("   ", 16, 3, "full", 0.0, "enter a prompt"),
         ("x" * (app.MAX_PROMPT_CHARS + 1), 16, 3, "full", 0.0, "limit is 2,000"),
         ("hi", 0, 3, "full", 0.0, "Max new tokens"),
-        ("hi", 16, 9, "full", 0.0, "K must be between 1 and 8"),
+        ("hi", 16, 9, "full", 0.0, "K must be 'auto' or between 1 and 8"),
         ("hi", 16, 3, "auto", 0.0, "Unknown draft vocabulary 'auto'"),
         ("hi", 16, 3, "full", -1.0, "Temperature"),
     ],

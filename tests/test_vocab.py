@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_fastmtp
+from conftest import tiny_fastmtp, use_kernels
 from test_core import chi_square_p_value, exact_joint_distribution, greedy, prompt, sample_first_tokens
 
 from hf_fastmtp import FastMTPForCausalLM
 from hf_fastmtp.cli import main
-from hf_fastmtp.decoding.cpu_kernels import DRAFT_WEIGHTS_VARIABLE
 from hf_fastmtp.decoding.draft_vocab import DraftVocabError, detect_language, last_user_message, load_vocab_map
 from hf_fastmtp.training.build_vocab import build_maps, count_tokens, install_into_head, ranked_token_ids, write_maps
 
@@ -76,28 +75,27 @@ def test_sampling_distribution_with_compression(do_sample_kwargs, draft_weights)
 
 
 def test_sliced_lm_head_is_cached_and_follows_the_model(monkeypatch):
-    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "float16")
+    use_kernels(monkeypatch, "stock", "float16")
     model = with_maps(tiny_fastmtp("llama"))
-    first = model.draft_vocabulary("en")
-    assert model.draft_vocabulary("en") is first  # sliced once, reused by every call
+    first = model.draft_vocabulary("en", weight_format="float16")
+    assert model.draft_vocabulary("en", weight_format="float16") is first  # sliced once, reused by every call
     greedy(model, prompt(4), max_new_tokens=5, fastmtp=True, draft_vocab="en")
-    assert model.draft_vocabulary("en") is first
+    assert model.draft_vocabulary("en", weight_format="float16") is first
     # On a CPU, float32 rows are kept as compact as the head's draft weights; drafts are verified all the same.
     expected = model.get_output_embeddings().weight[first.token_ids]
     assert first.lm_head.weight.dtype == torch.float16 and first.lm_head.scales is None
     torch.testing.assert_close(first.lm_head.weight, expected.half())
-    monkeypatch.setenv(DRAFT_WEIGHTS_VARIABLE, "int8")
-    int8 = model.draft_vocabulary("en")
-    assert int8.lm_head.weight.dtype == torch.int8 and model.draft_vocabulary("en") is int8
+    int8 = model.draft_vocabulary("en", weight_format="int8")
+    assert int8.lm_head.weight.dtype == torch.int8 and model.draft_vocabulary("en", weight_format="int8") is int8
     dequantized = int8.lm_head.weight * int8.lm_head.scales.float()[:, None]
     assert (dequantized - expected).norm() < 0.01 * expected.norm()
     lm_head = model.get_output_embeddings()
     lm_head.load_state_dict({"weight": 2 * lm_head.weight.detach()})  # reloaded in place: new rows
-    reloaded = model.draft_vocabulary("en")
+    reloaded = model.draft_vocabulary("en", weight_format="int8")
     assert reloaded is not int8 and torch.equal(reloaded.lm_head.weight, int8.lm_head.weight)
     torch.testing.assert_close(reloaded.lm_head.scales, 2 * int8.lm_head.scales)
     model.to(torch.float64)
-    moved = model.draft_vocabulary("en")
+    moved = model.draft_vocabulary("en", weight_format="int8")  # (only float32 rows on a CPU are compacted)
     assert moved.lm_head.weight.dtype == torch.float64
     assert torch.equal(moved.lm_head.weight, model.get_output_embeddings().weight[moved.token_ids])
 

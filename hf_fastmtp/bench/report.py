@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..jsonl import write_json
-from .metrics import BenchError
+from .metrics import REFERENCE, BenchError
 
 RESULTS_JSON_NAME = "results.json"
 RESULTS_MD_NAME = "results.md"
+# What tables and plots call the two plain modes; the others go by their labels.
+MODE_NAMES = {REFERENCE: "plain, stock Transformers", "ar": "plain, hf_fastmtp kernels"}
 
 
 logger = logging.getLogger(__name__)
@@ -40,9 +42,8 @@ def render_markdown(results: dict) -> str:
         ),
         summary_table(results),
         (
-            "Speedup: the reference's total seconds over the mode's, on the same prompts. tok/s: total new tokens "
-            "over "
-            "total seconds. tau: tokens per verification pass."
+            f"Speedup: {reference_name(results)}'s total seconds over the mode's, on the same prompts. tok/s: total "
+            "new tokens over total seconds. tau: tokens per verification pass."
         ),
     ]
     if any(entry["overall"].get("tau") is not None for entry in results["by_mode"].values()):
@@ -51,6 +52,16 @@ def render_markdown(results: dict) -> str:
         sections += ["## Verification cost on this hardware", forward_cost_table(results["forward_ms"])]
     sections += [lossless_line(results), hardware_line(results["hardware"])]
     return "\n\n".join(sections) + "\n"
+
+
+def mode_name(mode: str) -> str:
+    """A mode as tables and plots show it: the plain modes by what they run, the others by their labels."""
+    return MODE_NAMES.get(mode, mode)
+
+
+def reference_name(results: dict) -> str:
+    """The mode the speedups are over, named and labelled: "plain, stock Transformers (`ar-stock`)"."""
+    return f"{mode_name(results['reference'])} (`{results['reference']}`)"
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -62,7 +73,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def summary_table(results: dict) -> str:
-    """Rows: categories and overall; columns: speedup, tau (FastMTP) and tok/s of each mode."""
+    """Rows: categories and overall; columns: speedup (but the reference's), tau (FastMTP) and tok/s of each mode."""
     columns = []  # (mode, metric)
     for mode in results["modes"]:
         entry = results["by_mode"][mode]
@@ -72,7 +83,7 @@ def summary_table(results: dict) -> str:
             columns.append((mode, "tau"))
         columns.append((mode, "tokens_per_second"))
     names = {"speedup": "speedup", "tau": "tau", "tokens_per_second": "tok/s"}
-    header = ["category", *(f"{mode} {names[metric]}" for mode, metric in columns)]
+    header = ["category", *(f"{mode_name(mode)} {names[metric]}" for mode, metric in columns)]
     rows = []
     for category in [*results["categories"], "overall"]:
         cells = [category]
@@ -122,27 +133,29 @@ def lookup_cell(summary: dict) -> str:
 
 def forward_cost_table(forward_ms: dict) -> str:
     """One base forward over n new tokens: verifying K drafts costs the n = K + 1 column, a plain step n = 1."""
-    costs = {int(n): ms for n, ms in forward_ms.items()}  # JSON keys are strings
+    stock = {int(n): ms for n, ms in forward_ms["stock"].items()}  # (JSON keys are strings)
+    chosen = {int(n): ms for n, ms in forward_ms["chosen"].items()}
     table = format_table(
-        ["new tokens n", *map(str, costs)],
+        ["new tokens n", *map(str, chosen)],
         [
-            ["ms per forward", *(f"{ms:.1f}" for ms in costs.values())],
-            ["relative to n = 1", *(f"{ms / costs[1]:.2f}x" for ms in costs.values())],
+            ["ms, stock Transformers", *(f"{ms:.1f}" for ms in stock.values())],
+            ["ms, calibrated kernels", *(f"{ms:.1f}" for ms in chosen.values())],
+            ["x one stock token", *(f"{ms / stock[1]:.2f}x" for ms in chosen.values())],
         ],
     )
     return (
-        f"{table}\n\nMedian of repeated base-model forwards after a 256-token cache. A FastMTP cycle with K drafts "
-        "costs one n = K + 1 forward plus K head steps and yields tau tokens; plain decoding costs one n = 1 forward "
-        "per token."
+        f"{table}\n\nFrom this machine's calibration (`fastmtp calibrate`): best of repeated base-model forwards "
+        "after a 256-token cache. A FastMTP cycle with K drafts costs one n = K + 1 forward plus K head steps and "
+        "yields tau tokens; plain decoding costs one n = 1 forward per token."
     )
 
 
 def lossless_line(results: dict) -> str:
-    check, reference = results["lossless"], results["reference"]
+    check, reference = results["lossless"], reference_name(results)
     if not check["compared"]:
-        return f"**Lossless**: not checked (no outputs to compare with `{reference}`)."
+        return f"**Lossless**: not checked (no outputs to compare with {reference})."
     if check["identical"]:
-        return f"**Lossless**: yes, all {check['compared']} outputs are identical to `{reference}`."
+        return f"**Lossless**: yes, all {check['compared']} outputs are identical to {reference}."
     shown = check["mismatches"][:20]
     listed = "; ".join(
         f"question {m['question_id']} ({m['category']}, {m['mode']}, from token {m['first_difference']})"
@@ -153,7 +166,7 @@ def lossless_line(results: dict) -> str:
         if len(check["mismatches"]) > len(shown)
         else ""
     )
-    counts = f"{len(check['mismatches'])} of {check['compared']} outputs differ from `{reference}`"
+    counts = f"{len(check['mismatches'])} of {check['compared']} outputs differ from {reference}"
     return f"**Lossless**: NO, {counts}: {listed}{more}."
 
 
@@ -161,8 +174,7 @@ def hardware_line(hardware: dict) -> str:
     return (
         f"**Hardware**: {hardware['cpu']}, device {hardware['device']}, torch threads {hardware['threads']}, "
         f"torch {hardware['torch']}, transformers {hardware['transformers']}"
-        + (", one-row products weight-first" if hardware.get("one_row_weight_first") else "")
-        + (", int8 draft weights" if hardware.get("int8_draft_weights") else "")
+        + (f"; kernels: {hardware['kernels']}" if hardware.get("kernels") else "")
         + "."
     )
 
@@ -212,10 +224,11 @@ def plot_speedup(figure, results: dict) -> bool:
             (entry["overall"] if group == "overall" else entry["categories"].get(group, {})).get("speedup") or 0.0
             for group in groups
         ]
-        axes.bar([g + (index - (len(modes) - 1) / 2) * width for g in range(len(groups))], values, width, label=mode)
+        offsets = [g + (index - (len(modes) - 1) / 2) * width for g in range(len(groups))]
+        axes.bar(offsets, values, width, label=mode_name(mode))
     axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-    axes.set_ylabel(f"speedup over {results['reference']}")
+    axes.set_ylabel(f"speedup over {mode_name(results['reference'])}")
     axes.legend(fontsize="small")
     return True
 
@@ -345,7 +358,10 @@ def fastmtp_lines(runs: dict[str, dict]) -> dict[str, list[dict]]:
 
 
 def comparison_table(runs: dict[str, dict]) -> str:
-    """One row per run (and vocabulary): tau and speedup at each K, acceptance by position at the largest K."""
+    """
+    One row per run (and vocabulary): tau and speedup (over the run's own reference) at each K, acceptance by position
+    at the largest K.
+    """
     lines = fastmtp_lines(runs)
     ks = sorted({point["num_draft_tokens"] for points in lines.values() for point in points})
     header = ["run", *[f"K={k} {metric}" for k in ks for metric in ("tau", "speedup")], "acceptance at the largest K"]
@@ -389,7 +405,7 @@ def write_comparison(runs: dict[str, dict], output_dir: str | os.PathLike) -> li
     settings = [
         f"- {label}: head {results['settings']['head'] or 'shipped'}, "
         f"{results['by_mode'][results['reference']]['overall']['prompts']} prompts, "
-        f"{results['settings']['max_new_tokens']} new tokens"
+        f"{results['settings']['max_new_tokens']} new tokens, speedups over {reference_name(results)}"
         for label, results in runs.items()
     ]
     text = "# FastMTP runs compared\n\n" + comparison_table(runs) + "\n\n" + "\n".join(settings) + "\n"
@@ -412,6 +428,7 @@ __all__ = [
     "RESULTS_MD_NAME",
     "comparison_table",
     "format_table",
+    "mode_name",
     "render_markdown",
     "write_comparison",
     "write_reports",

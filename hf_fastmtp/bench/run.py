@@ -1,11 +1,12 @@
 """
-Timing plain decoding against FastMTP and other speculative methods, fairly: same inputs, interleaved runs.
+Timing FastMTP and other methods against plain decoding in stock Transformers, fairly: same inputs, interleaved runs.
 
 `fastmtp bench` runs Spec-Bench prompts (first turns) with every chosen mode of decoding and writes an output folder:
     settings.json   the model (base name, head weights hash, dtype), max_new_tokens, and the options of each run
     records.jsonl   one row per prompt and mode: question_id, category, mode, new_token_ids, seconds, stats
     results.json    the aggregates of `aggregate(records)`, the settings and the hardware
-    results.md      speedup / tau / tok/s per category, per-position acceptance, lossless check, hardware
+    results.md      speedup over stock Transformers / tau / tok/s per category, per-position acceptance, lossless
+                    check, hardware
     *.png           speedup by category, acceptance by position, and tau and tok/s against K and vocabulary size
 
 Fairness: one warm-up generation per mode before the first prompt, then for each prompt all modes back to back, in
@@ -17,13 +18,10 @@ The metric arithmetic (`aggregate`) is a pure function of the records, separate 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import platform
-import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -36,12 +34,10 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicCache
 
+from ..decoding.calibration import machine_name
 from ..decoding.candidate_generator import FastMTPStats
-from ..decoding.cpu_kernels import cpu_verification_kernels, one_row_products_weight_first
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
-from ..decoding.transformers_compat import cache_keyword
 from ..jsonl import append_rows, iter_json_lines, read_rows, write_json
 from ..prompts import encode_chat
 from ..run_settings import changed_settings
@@ -51,10 +47,9 @@ from .report import write_reports
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTIONS = Path("..", "shared", "data", "spec_bench.jsonl")
-# Plain greedy decoding as Transformers runs it, without this package's CPU kernels: what a user starts from.
-STOCK = "ar-stock"
-METHODS = ("ar", STOCK, "fastmtp", "pld", "assisted")
-DEFAULT_METHODS = ("ar", "fastmtp", "pld")
+# The reference (stock Transformers) first; `ar` is plain decoding under this package's CPU kernels.
+METHODS = (REFERENCE, "ar", "fastmtp", "pld", "assisted")
+DEFAULT_METHODS = (REFERENCE, "ar", "fastmtp", "pld")
 SETTINGS_NAME = "settings.json"
 RECORDS_NAME = "records.jsonl"
 FORMAT_VERSION = 1
@@ -79,23 +74,13 @@ class Run:
 
 
 def timed_generate(
-    model: FastMTPForCausalLM,
-    inputs: dict[str, torch.Tensor],
-    fastmtp: bool,
-    cpu_kernels: bool = True,
-    **generate_kwargs,
+    model: FastMTPForCausalLM, inputs: dict[str, torch.Tensor], fastmtp: bool, **generate_kwargs
 ) -> Run:
-    """
-    One generate() call, timed end to end (prefill included), with the FastMTP stats it left. Every method runs with
-    the CPU kernels FastMTP verifies with (few-row linears, grouped-query attention without copies), so that plain
-    decoding, prompt lookup and assisted decoding are compared on the same footing; `cpu_kernels=False` times plain
-    decoding as Transformers runs it (FastMTP always uses them).
-    """
+    """One generate() call, timed end to end (prefill included), with the FastMTP stats it left."""
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     start = time.perf_counter()
-    with cpu_verification_kernels(model) if cpu_kernels else contextlib.nullcontext():
-        output = model.generate(**inputs, fastmtp=fastmtp, **generate_kwargs)
+    output = model.generate(**inputs, fastmtp=fastmtp, **generate_kwargs)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
@@ -103,35 +88,18 @@ def timed_generate(
     return Run(output[0, prompt_length:].tolist(), seconds, model.last_fastmtp_stats)
 
 
-def forward_cost(
-    model: FastMTPForCausalLM, max_new_tokens: int, context: int = 256, repeats: int = 7
-) -> dict[int, float]:
+def verification_cost(model: FastMTPForCausalLM) -> dict[str, dict[int, float]] | None:
     """
-    Median milliseconds of one base-model forward over n = 1..`max_new_tokens` new tokens after a `context`-token
-    cache: what verifying K drafts (n = K + 1) costs against a plain decoding step (n = 1) on this hardware, with the
-    kernels that FastMTP verifies with.
+    Milliseconds of one base forward over n new tokens after a cache, from this machine's calibration: what
+    verifying K drafts (n = K + 1) costs against a plain step (n = 1), under the chosen kernels and Transformers' own.
     """
-    base = model.model
-    context = min(context, getattr(base.config, "max_position_embeddings", context) - max_new_tokens)
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(model.vocab_size, (1, context + max_new_tokens), generator=generator).to(model.device)
-    cache = DynamicCache(config=base.config)
-    cache_kwargs = {cache_keyword(base.forward): cache, "use_cache": True}
-    with torch.inference_mode(), cpu_verification_kernels(model):
-        base(input_ids=input_ids[:, :context], **cache_kwargs)
-        timings = {n: [] for n in range(1, max_new_tokens + 1)}
-        for repeat in range(repeats + 1):  # the first round warms up
-            for n in rotated(list(timings), repeat):
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize(model.device)
-                start = time.perf_counter()
-                base(input_ids=input_ids[:, context : context + n], **cache_kwargs)
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize(model.device)
-                if repeat:
-                    timings[n].append(1000 * (time.perf_counter() - start))
-                cache.crop(-n)
-    return {n: statistics.median(values) for n, values in timings.items()}
+    calibration = model.calibration()
+    if calibration is None:
+        return None
+    return {
+        "chosen": {n: 1000 * s for n, s in enumerate(calibration.verify_seconds, start=1)},
+        "stock": {n: 1000 * s for n, s in enumerate(calibration.stock_verify_seconds, start=1)},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- what to run
@@ -148,15 +116,15 @@ class Mode:
 
 def build_modes(
     methods: Iterable[str],
-    num_draft_tokens: Sequence[int],
+    num_draft_tokens: Sequence[int | str],
     draft_vocabs: Sequence[str | int] = ("full",),
     pld_tokens: int = 10,
     confidence_thresholds: Sequence[float | None] = (None,),
     lookup_tokens: Sequence[int | None] = (None,),
 ) -> list[Mode]:
     """
-    The modes to compare: `ar` (always, first: it is the reference) and every K x vocabulary x confidence threshold x
-    prompt lookup length (None: without lookup) for `fastmtp`.
+    The modes to compare: `ar-stock` (always, first: it is the reference) and every K x vocabulary x confidence
+    threshold x prompt lookup length (None: without lookup) for `fastmtp`.
     """
     methods = list(dict.fromkeys([REFERENCE, *methods]))
     if unknown := set(methods) - set(METHODS):
@@ -169,7 +137,7 @@ def build_modes(
                     dict.fromkeys(draft_vocabs), dict.fromkeys(confidence_thresholds), dict.fromkeys(lookup_tokens)
                 ):
                     options = {"num_draft_tokens": k, "draft_vocab": vocab}
-                    label = f"fastmtp-k{k}-{vocab}"
+                    label = f"fastmtp-{'auto' if k == 'auto' else f'k{k}'}-{vocab}"
                     if threshold is not None:
                         options["draft_confidence_threshold"] = threshold
                         label += f"-c{threshold:g}"
@@ -255,15 +223,17 @@ def _question(question_id: Any, category: str, prompt: Any) -> dict | None:
 
 
 def check_options(
-    *, per_category: int | None, num_draft_tokens: Sequence[int] | None, pld_tokens: int, max_new_tokens: int
+    *, per_category: int | None, num_draft_tokens: Sequence[int | str] | None, pld_tokens: int, max_new_tokens: int
 ) -> None:
     """Raises `BenchError` for an option out of range; cheap, so the CLI runs it before loading a model."""
     positive = {"per_category": per_category, "pld_tokens": pld_tokens, "max_new_tokens": max_new_tokens}
     for name, value in positive.items():
         if value is not None and value < 1:
             raise BenchError(f"{name} must be at least 1, got {value}.")
-    if num_draft_tokens is not None and (not num_draft_tokens or min(num_draft_tokens) < 1):
-        raise BenchError(f"every K must be at least 1, got {list(num_draft_tokens)}.")
+    if num_draft_tokens is not None and (
+        not num_draft_tokens or any(k != "auto" and (not isinstance(k, int) or k < 1) for k in num_draft_tokens)
+    ):
+        raise BenchError(f"every K must be 'auto' or at least 1, got {list(num_draft_tokens)}.")
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -279,7 +249,7 @@ def run_bench(
     categories: Sequence[str] | None = None,
     exclude_ids: Iterable[str] = (),
     methods: Sequence[str] = DEFAULT_METHODS,
-    num_draft_tokens: Sequence[int] | None = None,
+    num_draft_tokens: Sequence[int | str] | None = None,
     draft_vocabs: Sequence[str | int] = ("full",),
     confidence_thresholds: Sequence[float | None] = (None,),
     lookup_tokens: Sequence[int | None] = (None,),
@@ -294,8 +264,8 @@ def run_bench(
     Runs every (prompt, mode) pair that `output_dir` does not hold yet, then writes the results and returns them.
 
     `questions`, `per_category`, `categories` and `exclude_ids` select the prompts (`load_questions`).
-    `num_draft_tokens` defaults to the head's K; `confidence_thresholds` adds gated FastMTP modes (None: ungated),
-    `lookup_tokens` FastMTP modes that also draft by prompt lookup (None: without).
+    `num_draft_tokens` (ints or "auto") defaults to "auto"; `confidence_thresholds` adds gated FastMTP modes (None:
+    ungated), `lookup_tokens` FastMTP modes that also draft by prompt lookup (None: without).
     `assistant_model` is needed for the `assisted` method; give `assistant_tokenizer` too when it does not share the
     model's tokenizer. `model_name` (default: the base model's
     `name_or_path`) identifies the base in settings.json, next to a hash of the head's weights.
@@ -312,7 +282,7 @@ def run_bench(
     selection = load_questions(questions, per_category, categories=categories, exclude_ids=exclude_ids)
     modes = build_modes(
         methods,
-        num_draft_tokens or [model.config.num_draft_tokens],
+        num_draft_tokens or ["auto"],
         draft_vocabs,
         pld_tokens,
         confidence_thresholds,
@@ -363,13 +333,8 @@ def run_bench(
         key=lambda record: planned[record["question_id"], record["mode"]],
     )
     results = {"settings": {**identity, **run}, "hardware": hardware, **aggregate(records)}
-    if any(mode.method == "fastmtp" for mode in modes):
-        most_drafts = max(
-            max(mode.options["num_draft_tokens"], mode.options.get("prompt_lookup_num_tokens", 0))
-            for mode in modes
-            if mode.method == "fastmtp"
-        )
-        results["forward_ms"] = forward_cost(model, most_drafts + 1)
+    if any(mode.method in ("ar", "fastmtp") for mode in modes):
+        results["forward_ms"] = verification_cost(model)
     write_reports(results, output_dir)
     return results
 
@@ -425,8 +390,8 @@ def _mode_kwargs(mode: Mode, assistant_kwargs: dict) -> tuple[bool, dict]:
     """`(fastmtp, timed_generate() arguments)` for a mode."""
     if mode.method == "assisted":
         return False, assistant_kwargs
-    if mode.method == STOCK:
-        return False, {"cpu_kernels": False}
+    if mode.method == "ar":  # plain steps in FastMTP's loop, with this machine's calibrated kernels
+        return True, {"num_draft_tokens": 0}
     return mode.method == "fastmtp", dict(mode.options)
 
 
@@ -469,27 +434,27 @@ def model_identity(model: FastMTPForCausalLM, model_name: str | None = None) -> 
 def hardware_info(model: PreTrainedModel) -> dict:
     device = model.device
     return {
-        "cpu": cpu_name(),
+        "cpu": machine_name(torch.device("cpu")),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        # Whether `ar` (plain decoding under the CPU kernels) computes its one-row products weight-first here.
-        "one_row_weight_first": one_row_products_weight_first(model),
-        # Whether FastMTP's draft steps read int8 copies of the head's weights here (float16 ones otherwise).
-        "int8_draft_weights": model.int8_draft_weights(),
+        # The kernels calibration chose here (`fastmtp calibrate` shows why).
+        "kernels": kernels_summary(model),
     }
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def kernels_summary(model: FastMTPForCausalLM) -> str:
+    """The kernels FastMTP and `ar` compute with on this machine, in a few words."""
+    calibration = model.calibration()
+    if calibration is None:
+        return "Transformers' own (calibration off)"
+    choice = calibration.choice
+    used = sorted({kernel for kernels in choice.linear.values() for kernel in kernels} - {"stock"})
+    return (
+        f"linear {', '.join(used) or 'stock'} where measured faster; grouped attention at "
+        f"{list(choice.grouped_attention_queries) or 'no'} queries; {choice.draft_weights} draft weights"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- output folder

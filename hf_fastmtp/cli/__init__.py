@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import bench, build_vocab, distill, export, generate, train
+from . import bench, build_vocab, calibrate, distill, export, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmtp", description="FastMTP speculative decoding for Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for job in (generate, distill, train, build_vocab, bench, export):  # the order of `fastmtp --help`
+    for job in (generate, distill, train, build_vocab, bench, calibrate, export):  # the order of `fastmtp --help`
         job.register_cli(commands)
     return parser
 

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .. import embedded
-from ..decoding.configuration_fastmtp import check_draft_confidence_threshold
+from ..decoding.configuration_fastmtp import check_draft_confidence_threshold, check_draft_length
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,6 +58,14 @@ def parse_probability(value: str | float) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def draft_length_arg(value: str) -> int | str:
+    """A K value: "auto" or an int, checked as `generate` checks it."""
+    try:
+        return check_draft_length(value if value == "auto" else int(value))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_lookup_tokens(value: str) -> int | None:
     """A `--lookup-tokens` value: prompt lookup's tokens per cycle; 0 (None) runs without lookup."""
     if not value.isdigit():
@@ -69,7 +77,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--head", help="FastMTP head folder (default: the shipped head; with --base: a new head)")
     parser.add_argument(
-        "-k", "--num-draft-tokens", type=int, default=None, help="drafts per cycle (default: the head's)"
+        "-k",
+        "--num-draft-tokens",
+        type=draft_length_arg,
+        default="auto",
+        help="drafts per cycle: 'auto' (the default: chosen per cycle from this machine's costs) or an int",
     )
     parser.add_argument(
         "--confidence-threshold",

@@ -17,10 +17,17 @@ from ..bench.report import (
     summary_table,
     write_comparison,
 )
-from ..bench.run import DEFAULT_METHODS, DEFAULT_QUESTIONS, METHODS, STOCK, check_options, run_bench
+from ..bench.run import DEFAULT_METHODS, DEFAULT_QUESTIONS, METHODS, check_options, run_bench
 from ..embedded import DEFAULT_BASE_NAME
 from ..training.distill import DistillError, selected_prompt_ids
-from .args import add_device_argument, add_dtype_argument, load_model, parse_lookup_tokens, parse_probability
+from .args import (
+    add_device_argument,
+    add_dtype_argument,
+    draft_length_arg,
+    load_model,
+    parse_lookup_tokens,
+    parse_probability,
+)
 
 
 def parse_draft_vocab(value: str) -> str | int:
@@ -41,7 +48,8 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     """Adds the `bench` and `compare` subcommands to the `fastmtp` command line."""
     parser = commands.add_parser(
         "bench",
-        help="Spec-Bench: speedup, tau, acceptance and tok/s of FastMTP and other methods against plain decoding",
+        help="Spec-Bench: speedup, tau, acceptance and tok/s of FastMTP and other methods against plain decoding in "
+        "stock Transformers",
         description="Times greedy decoding modes on Spec-Bench prompts (first turns), interleaved per prompt, and "
         "writes records.jsonl, results.json, results.md and plots to --output. Rerun the same command to resume.",
     )
@@ -70,11 +78,16 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=METHODS,
         help=f"what to compare (default: {' '.join(DEFAULT_METHODS)}, plus assisted with --assistant); "
-        f"{REFERENCE} always runs, as the reference for speedup and the lossless check; {STOCK} is plain decoding "
-        "without this package's CPU kernels (Transformers as is)",
+        f"{REFERENCE}, plain decoding in stock Transformers (its own generate, none of this package's kernels), "
+        "always runs first, as the reference for speedups and the lossless check; ar is plain decoding under this "
+        "package's CPU kernels",
     )
     parser.add_argument(
-        "--k", type=int, nargs="+", metavar="K", help="FastMTP drafts per cycle, one run each (default: the head's)"
+        "--k",
+        type=draft_length_arg,
+        nargs="+",
+        metavar="K",
+        help="FastMTP drafts per cycle, one mode each: 'auto' (the default: chosen per cycle) or an int",
     )
     parser.add_argument(
         "--draft-vocab",
@@ -120,8 +133,9 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     compare = commands.add_parser(
         "compare",
         help="tables and a plot of several `fastmtp bench` runs side by side (heads, training recipes)",
-        description="Reads the results.json of each run and writes comparison.md (tau and speedup per K, acceptance "
-        "by draft position) and comparison.png (tau against K, acceptance by position) to --output.",
+        description="Reads the results.json of each run and writes comparison.md (tau and speedup per K, each over "
+        "its run's reference, and acceptance by draft position) and comparison.png (tau against K, acceptance by "
+        "position) to --output.",
     )
     compare.add_argument("runs", nargs="+", metavar="LABEL=DIR", help="a label and a `fastmtp bench --output` folder")
     compare.add_argument("--output", required=True, metavar="DIR", help="folder for comparison.md and comparison.png")

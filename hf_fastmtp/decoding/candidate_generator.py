@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.utils import ModelOutput
 
+    from .draft_length import AutoDraftLength, FixedDraftLength
     from .draft_vocab import DraftVocabulary
     from .modeling_fastmtp import FastMTPForCausalLM
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 class FastMTPStats:
     """What happened during one `generate(fastmtp=True)` call."""
 
-    num_draft_tokens: int
+    num_draft_tokens: int  # the most drafts a cycle may take (with "auto", the most it may choose)
     cycles: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
@@ -104,17 +105,19 @@ class FastMTPStats:
 
 class FastMTPCandidateGenerator(CandidateGenerator):
     """
-    Drafts `num_draft_tokens` tokens per cycle with the model's MTP head, applied recursively.
+    Drafts up to K tokens per cycle with the model's MTP head, applied recursively; `draft_length` says K each cycle.
 
     It needs the base model's last hidden states from the previous verification (`requires_model_outputs`), so on the
     first iteration it proposes nothing and lets `generate` run the prefill. Each later call:
-      1. extends the head's own KV cache with the pairs (h_j, t_{j+1}) of every position verified since the last call,
-         after dropping the head's speculative entries of the last cycle (one forward);
+      1. extends the head's own KV cache with the pairs (h_j, t_{j+1}) of every position verified since the head
+         last drafted, after dropping the head's speculative entries of that cycle (one forward);
       2. recursively feeds the head its own output and its last draft, one position per step.
+    A cycle with K = 0 is a plain decoding step: the head does not run, and the pairs wait for the next cycle that
+    drafts.
 
     Args:
         model: the [`FastMTPForCausalLM`] whose base verifies the drafts.
-        num_draft_tokens: K, the number of drafts per cycle.
+        draft_length: K for each cycle: fixed, or chosen from measured costs and acceptance (`draft_length.py`).
         generation_config: the call's generation config (`do_sample`, `max_length`).
         logits_processor: the call's processors; drafts are chosen from processed logits so that, when sampling, the
             returned candidate logits are exactly the distribution q each draft was drawn from.
@@ -140,7 +143,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
     def __init__(
         self,
         model: FastMTPForCausalLM,
-        num_draft_tokens: int,
+        draft_length: FixedDraftLength | AutoDraftLength,
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None = None,
         draft_vocabulary: DraftVocabulary | None = None,
@@ -150,7 +153,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         max_matching_ngram_size: int | None = None,
     ):
         self.model = model
-        self.num_draft_tokens = num_draft_tokens
+        self.draft_length = draft_length
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = generation_config.max_length
         self.logits_processor = logits_processor if logits_processor else None
@@ -161,6 +164,8 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self.head_cache.activate_past_recording()
         self.head_cache_verified_length = 0
         self.head_cache_speculative_length = 0
+        # The base's last hidden states of the positions verified since the head last drafted (see step 1).
+        self.pending_hidden_states: list[torch.Tensor] = []
         self.prompt_lookup = None
         if prompt_lookup_num_tokens:
             self.prompt_lookup = PromptLookupCandidateGenerator(
@@ -173,7 +178,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             )
         self.prompt_lookup_num_tokens = prompt_lookup_num_tokens or 0
         self.stats = FastMTPStats(
-            num_draft_tokens=num_draft_tokens,
+            num_draft_tokens=draft_length.max_draft_tokens,
             language=language,
             draft_vocab_size=model.vocab_size if draft_vocabulary is None else draft_vocabulary.size,
         )
@@ -186,7 +191,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
     def num_drafting_tokens(self) -> int:
         """The most tokens one cycle can propose: K from the head, or N from prompt lookup (the `CandidateGenerator`
         contract: caches record that many states back so rejected drafts can be cropped)."""
-        return max(self.num_draft_tokens, self.prompt_lookup_num_tokens)
+        return max(self.draft_length.max_draft_tokens, self.prompt_lookup_num_tokens)
 
     def get_candidates(
         self,
@@ -199,37 +204,43 @@ class FastMTPCandidateGenerator(CandidateGenerator):
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         """`input_ids` and up to K drafts after them; when sampling, also the distributions they were drawn from."""
         self._num_drafted, self._drafted_by_lookup = 0, False
-        max_drafts = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
-        if (
-            is_first_iteration or max_drafts <= 0
-        ):  # (the first call precedes the prefill, whose hidden states it needs)
+        if is_first_iteration:  # (the first call precedes the prefill, whose hidden states it needs)
             self._clock = time.perf_counter()
             return input_ids, None
-
         start = self._synchronized_time()
-        head_output, position_ids = self._extend_head_cache(input_ids, model_outputs.hidden_states[-1], n_last_matches)
+        # After the prefill every prompt position is new; afterwards, the accepted drafts plus the verified token.
+        num_verified = (
+            None if self.head_cache_verified_length == 0 and not self.pending_hidden_states else n_last_matches + 1
+        )
+        if self.draft_length.max_draft_tokens:  # (K fixed at 0 never drafts: nothing to keep)
+            self.pending_hidden_states.append(model_outputs.hidden_states[-1][:, :num_verified])
+        max_drafts = min(self.draft_length(self.stats), self.max_length - input_ids.shape[1] - 1)
+        if max_drafts <= 0:
+            self._clock = self._synchronized_time()
+            return input_ids, None
+
+        head_output, position_ids = self._extend_head_cache(input_ids)
         candidate_ids, draft_logits = self._draft(input_ids, head_output, position_ids, max_drafts)
         self._num_drafted = candidate_ids.shape[1] - input_ids.shape[1]
         self._clock = self._synchronized_time()
         self.stats.draft_seconds += self._clock - start
         return candidate_ids, draft_logits
 
-    def _extend_head_cache(
-        self, input_ids: torch.LongTensor, hidden_states: torch.Tensor, num_last_matches: int
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
+    def _extend_head_cache(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
         """
-        Drops the head's speculative entries of the last cycle and adds the pairs (h_j, t_{j+1}) of every position
-        verified since, in one forward. Returns the head's output at the last of them and its position.
+        Drops the head's speculative entries of the last cycle that drafted and adds the pairs (h_j, t_{j+1}) of every
+        position verified since, in one forward. Returns the head's output at the last of them and its position.
         """
         cur_len = input_ids.shape[1]
-        # After the prefill every prompt position is new; afterwards, the accepted drafts plus the verified token.
-        num_new = hidden_states.shape[1] if self.head_cache_verified_length == 0 else num_last_matches + 1
+        hidden_states = torch.cat(self.pending_hidden_states, dim=1)
+        self.pending_hidden_states = []
+        num_new = hidden_states.shape[1]
         # Pair j holds (h_j, t_{j+1}) at position j: the last hidden state belongs to position cur_len - 2.
         position_ids = torch.arange(cur_len - 1 - num_new, cur_len - 1, device=input_ids.device).unsqueeze(0)
         if self.head_cache_verified_length:  # (an empty sliding-window layer cannot be cropped)
             self.head_cache.crop(-self.head_cache_speculative_length)
         head_output = self.model.mtp_forward(
-            hidden_states[:, :num_new], input_ids[:, cur_len - num_new :], position_ids, self.head_cache
+            hidden_states, input_ids[:, cur_len - num_new :], position_ids, self.head_cache
         )[:, -1:]
         self.head_cache_verified_length += num_new
         self.head_cache_speculative_length = 0

@@ -46,6 +46,9 @@ class FastMTPConfig(PretrainedConfig):
             to for prompts in that language.
         default_draft_vocab (`str`, *optional*):
             Key of `draft_vocab_maps` used when the prompt's language has no map of its own or is undetectable.
+        draft_acceptance (`list[float]`, *optional*):
+            The head's measured probability of drafting position k right given positions 1..k-1 were (training's
+            final validation accuracy per step): where `num_draft_tokens="auto"` starts from.
     """
 
     model_type = "fastmtp"
@@ -57,6 +60,7 @@ class FastMTPConfig(PretrainedConfig):
     num_draft_tokens: int = 3
     draft_vocab_maps: dict[str, str] | None = None
     default_draft_vocab: str | None = None
+    draft_acceptance: list[float] | None = None
 
     def validate_num_draft_tokens(self):
         check_num_draft_tokens(self.num_draft_tokens)
@@ -87,6 +91,16 @@ def check_num_draft_tokens(num_draft_tokens: int) -> int:
     return num_draft_tokens
 
 
+def check_draft_length(num_draft_tokens: int | str) -> int | str:
+    """Checks `generate`'s `num_draft_tokens`: "auto", or K from 0 (plain steps) to `MAX_DRAFT_TOKENS`."""
+    if num_draft_tokens == "auto" or num_draft_tokens == 0:
+        return num_draft_tokens
+    try:
+        return check_num_draft_tokens(num_draft_tokens)
+    except ValueError as error:
+        raise ValueError(f"{error} Or pass num_draft_tokens='auto' (the default) to choose K per cycle.") from None
+
+
 def check_draft_confidence_threshold(threshold: float | None) -> float | None:
     """Checks a requested confidence threshold (a probability, or None for none) and returns it."""
     if threshold is None:
@@ -104,4 +118,10 @@ def base_signature(config: PretrainedConfig) -> dict:
     return {field: getattr(config, field, None) for field in BASE_SIGNATURE_FIELDS}
 
 
-__all__ = ["MAX_DRAFT_TOKENS", "FastMTPConfig", "check_draft_confidence_threshold", "check_num_draft_tokens"]
+__all__ = [
+    "MAX_DRAFT_TOKENS",
+    "FastMTPConfig",
+    "check_draft_confidence_threshold",
+    "check_draft_length",
+    "check_num_draft_tokens",
+]

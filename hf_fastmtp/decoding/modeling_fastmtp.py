@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,22 +21,16 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import CONFIG_NAME
 
+from .calibration import Calibration, calibration_key, load_or_calibrate
 from .candidate_generator import FastMTPStats
 from .configuration_fastmtp import (
     FastMTPConfig,
     base_signature,
     check_draft_confidence_threshold,
-    check_num_draft_tokens,
+    check_draft_length,
 )
-from .cpu_kernels import (
-    DraftWeight,
-    WeightSource,
-    compact_draft_weights,
-    cpu_verification_kernels,
-    draft_linear,
-    draft_weights_int8,
-    is_cpu_float32,
-)
+from .cpu_kernels import CPUKernels, KernelChoice, is_cpu_float32
+from .draft_length import AutoDraftLength, FixedDraftLength
 from .draft_vocab import (
     DraftVocabError,
     DraftVocabulary,
@@ -44,6 +39,7 @@ from .draft_vocab import (
     load_vocab_map,
     validate_vocab_map,
 )
+from .draft_weights import DraftWeight, WeightSource, draft_linear
 from .hub_files import (
     HEAD_PREFIX,
     HEAD_WEIGHTS_NAME,
@@ -110,7 +106,8 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         self.last_fastmtp_stats: FastMTPStats | None = None
         # Language -> token ids (most frequent first) that drafting may be restricted to; "all" is the overall map.
         self.draft_vocab_maps: dict[str, torch.LongTensor] = {}
-        self._draft_vocab_cache: dict[tuple[str, int], DraftVocabulary] = {}
+        self._draft_vocab_cache: dict[tuple[str, int, str], DraftVocabulary] = {}
+        self._calibrations: dict[str, Calibration | None] = {}
         # Reads the prompt's language for draft_vocab="auto" when generate() is not given a `tokenizer`.
         self.prompt_tokenizer = None
         if config.draft_vocab_maps:  # local files by now (from_pretrained resolves and downloads them)
@@ -378,10 +375,6 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return self.head(hidden_states, token_embeddings, position_embeddings, position_ids, mask, past_key_values)
 
-    def int8_draft_weights(self) -> bool:
-        """Whether draft steps read int8 copies of the head's weights and draft rows here (`draft_weights_int8`)."""
-        return draft_weights_int8(self.head, self.get_output_embeddings())
-
     def draft_logits(self, head_output: torch.Tensor, vocabulary: DraftVocabulary | None = None) -> torch.Tensor:
         """lm_head logits of the head's output, over the whole vocabulary or over a restricted one."""
         lm_head = self.get_output_embeddings()
@@ -408,31 +401,35 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             default = "all" if "all" in validated else next(iter(validated), None)
         self.config.default_draft_vocab = default
 
-    def draft_vocabulary(self, name: str, size: int | None = None) -> DraftVocabulary:
-        """The map `name` (its `size` most frequent ids), with its lm_head rows sliced once and cached."""
+    def draft_vocabulary(self, name: str, size: int | None = None, weight_format: str = "native") -> DraftVocabulary:
+        """
+        The map `name` (its `size` most frequent ids), with its lm_head rows sliced once and cached: on a CPU, in the
+        draft steps' `weight_format` (`DraftWeight`: a draft step's product with them is memory-bound).
+        """
         token_ids = self.draft_vocab_maps[name]
         size = token_ids.numel() if size is None else size
         if not 0 < size <= token_ids.numel():
             raise ValueError(f"Draft vocabulary {name!r} has {token_ids.numel()} tokens; cannot take the top {size}.")
         lm_head = self.get_output_embeddings()
-        # On a CPU the head's product with these rows is memory-bound: they are kept as compact as the head's own
-        # draft weights (int8 or float16, `compact_draft_weights`): a fraction of float32's time per draft step.
-        compact = is_cpu_float32(lm_head.weight)
-        int8 = self.int8_draft_weights()  # (only ever for float32 weights on a CPU)
-        cached = self._draft_vocab_cache.get((name, size))
+        if not is_cpu_float32(lm_head.weight):
+            weight_format = "native"
+        cached = self._draft_vocab_cache.get((name, size, weight_format))
         bias = getattr(lm_head, "bias", None)
-        # A cached slice is reused until the lm_head's weights change (a move, a reload) or drafting changes format.
-        if cached is None or not cached.source.matches(lm_head.weight, bias) or cached.lm_head.is_int8 != int8:
+        # A cached slice is reused until the lm_head's weights change (a move, a reload).
+        if cached is None or not cached.source.matches(lm_head.weight, bias):
             ids = token_ids[:size].to(lm_head.weight.device)
-            weight = lm_head.weight[ids].detach()
-            rows_bias = None if bias is None else bias[ids].detach()
-            rows = DraftWeight.compact(weight, rows_bias, int8) if compact else DraftWeight(weight, rows_bias)
+            rows_bias = None if bias is None else bias[ids]
+            rows = DraftWeight.compact(lm_head.weight[ids], rows_bias, weight_format)
             cached = DraftVocabulary(name, ids, rows, source=WeightSource(lm_head.weight, bias))
-            self._draft_vocab_cache[(name, size)] = cached
+            self._draft_vocab_cache[(name, size, weight_format)] = cached
         return cached
 
     def resolve_draft_vocab(
-        self, draft_vocab: str | int | None, input_ids: torch.LongTensor | None = None, tokenizer=None
+        self,
+        draft_vocab: str | int | None,
+        input_ids: torch.LongTensor | None = None,
+        tokenizer=None,
+        weight_format: str = "native",
     ) -> tuple[DraftVocabulary | None, str | None]:
         """
         The vocabulary to draft over and the detected language. `draft_vocab` is "full", "auto" (the map of the
@@ -464,7 +461,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"No draft vocabulary {name!r}: this model has {sorted(self.draft_vocab_maps)} (or 'full')."
             )
-        return self.draft_vocabulary(name, size), language
+        return self.draft_vocabulary(name, size, weight_format), language
 
     def prompt_language(self, input_ids: torch.LongTensor | None, tokenizer=None) -> str | None:
         """Language of the prompt's last user message, or None when it cannot be read or detected."""
@@ -483,7 +480,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         generation_config: GenerationConfig | None = None,
         *,
         fastmtp: bool | None = None,
-        num_draft_tokens: int | None = None,
+        num_draft_tokens: int | str | None = None,
         draft_vocab: str | int | None = None,
         draft_confidence_threshold: float | None = None,
         **kwargs,
@@ -495,8 +492,11 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             fastmtp (`bool`, *optional*, defaults to `False`):
                 Draft with the MTP head and verify with the base model. Lossless: greedy output is identical to
                 `fastmtp=False`, and sampled output has the same distribution.
-            num_draft_tokens (`int`, *optional*):
-                Tokens drafted per cycle (K); defaults to `config.num_draft_tokens`.
+            num_draft_tokens (`int` or `"auto"`, *optional*, defaults to `"auto"`):
+                Tokens drafted per cycle (K). `"auto"` chooses K in every cycle (0, a plain step, included) for the
+                most tokens per second, from this machine's measured costs of verifying and drafting and from the
+                head's acceptance (`draft_length.AutoDraftLength`); an int keeps K fixed (0: plain decoding in this
+                loop, with this machine's calibrated kernels).
             draft_vocab (`str` or `int`, *optional*):
                 Vocabulary the head drafts over: `"auto"` (the default when the head ships maps: the map of the
                 prompt's language), `"full"`, an int (the overall top-N map) or a language code.
@@ -522,17 +522,19 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
 
         if num_draft_tokens is None:
             num_draft_tokens = getattr(settings, "num_draft_tokens", None)
-        num_draft_tokens = check_num_draft_tokens(
-            num_draft_tokens if num_draft_tokens is not None else self.config.num_draft_tokens
-        )
+        num_draft_tokens = check_draft_length("auto" if num_draft_tokens is None else num_draft_tokens)
         if draft_confidence_threshold is None:
             draft_confidence_threshold = getattr(settings, "draft_confidence_threshold", None)
         draft_confidence_threshold = check_draft_confidence_threshold(draft_confidence_threshold)
-        draft_vocabulary, language = self.resolve_draft_vocab(draft_vocab, input_ids, kwargs.get("tokenizer"))
+        calibration = self.calibration()
+        choice = calibration.choice if calibration is not None else KernelChoice()
+        draft_vocabulary, language = self.resolve_draft_vocab(
+            draft_vocab, input_ids, kwargs.get("tokenizer"), choice.draft_weights
+        )
         check_fastmtp_call(input_ids, settings, kwargs)
 
         drafter_options = {
-            "num_draft_tokens": num_draft_tokens,
+            "draft_length": self.draft_length(num_draft_tokens, calibration),
             "draft_vocabulary": draft_vocabulary,
             "language": language,
             "confidence_threshold": draft_confidence_threshold,
@@ -544,11 +546,33 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         kwargs.pop("max_matching_ngram_size", None)
         with (
             custom_generate_call(self, generation_config, kwargs) as (generation_config, loop_kwargs),
-            cpu_verification_kernels(self),
-            compact_draft_weights(self.head, self.int8_draft_weights()),
+            CPUKernels(self, choice, draft_modules=self.head),
         ):
             decoding = functools.partial(fastmtp_decoding, drafter_options=drafter_options, **loop_kwargs)
             return super().generate(inputs, generation_config, custom_generate=decoding, **kwargs)
+
+    def calibration(self, remeasure: bool = False) -> Calibration | None:
+        """
+        This machine's `Calibration` for this model (kernel choices, verification and draft-step costs): measured on
+        first use, then read from the cache (`calibration.py`). None with `HF_FASTMTP_CALIBRATION=off`.
+        """
+        key = json.dumps(calibration_key(self), sort_keys=True)
+        if remeasure or key not in self._calibrations:
+            self._calibrations[key] = load_or_calibrate(self, remeasure=remeasure)
+        return self._calibrations[key]
+
+    def draft_length(
+        self, num_draft_tokens: int | str, calibration: Calibration | None
+    ) -> FixedDraftLength | AutoDraftLength:
+        """K for each cycle: fixed, or "auto" (`AutoDraftLength`) from the calibration's costs and the head's
+        measured acceptance; "auto" without a calibration drafts the head's default K."""
+        if num_draft_tokens != "auto":
+            return FixedDraftLength(num_draft_tokens)
+        if calibration is None:
+            return FixedDraftLength(self.config.num_draft_tokens)
+        return AutoDraftLength(
+            calibration.verify_seconds, calibration.draft_step_seconds, self.config.draft_acceptance
+        )
 
 
 def load_base_model(

@@ -126,6 +126,8 @@ def save_head(model: FastMTPForCausalLM, head_dir: Path, report: DataReport, sum
     """
     staging = head_dir.with_name(f".staging-{head_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
+    if summary.get("final_validation"):  # where num_draft_tokens="auto" starts from
+        model.config.draft_acceptance = [round(a, 4) for a in summary["final_validation"]["val_accuracy"]]
     model.save_pretrained(staging, model_card_extra={"datasets": report.sources, "training": summary})
     # Kept with the head, so that a run continuing from it (--init) can record the whole lineage.
     (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
