@@ -49,7 +49,7 @@ def test_drafts_come_only_from_the_map(monkeypatch):
         return candidates, logits
 
     monkeypatch.setattr(FastMTPCandidateGenerator, "get_candidates", spy)
-    greedy(model, prompt(5), max_new_tokens=20, fastmtp=True, draft_vocab="zh")
+    greedy(model, prompt(5), max_new_tokens=20, fastmtp=True, num_draft_tokens=3, draft_vocab="zh")
     assert drafted and set(drafted) <= allowed
 
 

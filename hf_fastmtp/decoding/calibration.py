@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
+from transformers.utils.logging import tqdm
 
 from .cpu_kernels import (
     CPUKernels,
@@ -45,7 +46,7 @@ from .cpu_kernels import (
     shape_name,
 )
 from .draft_weights import DRAFT_WEIGHT_FORMATS, DraftWeight, draft_linear, int8_kernel_takes
-from .transformers_compat import activate_past_recording
+from .transformers_compat import activate_past_recording, cache_keyword
 
 if TYPE_CHECKING:
     from .modeling_fastmtp import FastMTPForCausalLM
@@ -96,7 +97,7 @@ class Calibration:
     @classmethod
     def from_json(cls, text: str) -> Calibration:
         data = json.loads(text)
-        if data.pop("format", None) != FORMAT_VERSION:
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT_VERSION:
             raise ValueError("calibration format changed")
         choice = data.pop("choice")
         choice = KernelChoice(
@@ -192,26 +193,34 @@ def calibrate(
     key = key if key is not None else calibration_key(model)
     linear_seconds, attention_seconds, draft_weight_seconds = {}, {}, {}
     choice = KernelChoice()
-    if is_cpu_float32(model.get_output_embeddings().weight):
+    kernels = is_cpu_float32(model.get_output_embeddings().weight)
+    progress = tqdm(total=5 if kernels else 2, desc="Calibrating", unit="step", leave=False)
+    if kernels:
         linear_seconds = measure_linears(model.model, rounds, clock)
+        progress.update()
         attention_seconds = measure_attention(model.model, rounds, clock)
+        progress.update()
         draft_weight_seconds = measure_draft_weights(model, rounds, clock)
+        progress.update()
         choice = KernelChoice(
-            linear={shape: tuple(fastest_per_row(timings)) for shape, timings in linear_seconds.items()},
+            linear=without_stock_only({shape: tuple(fastest_per_row(t)) for shape, t in linear_seconds.items()}),
             grouped_attention_queries=tuple(
                 n for n, kernel in enumerate(fastest_per_row(attention_seconds), start=1) if kernel != "stock"
             ),
             draft_weights=fastest(draft_weight_seconds),
         )
     verify_seconds, stock_verify_seconds = measure_verification(model, choice, rounds, clock)
+    progress.update()
     choice = without_slower_rows(choice, verify_seconds, stock_verify_seconds)
     verify_seconds = [min(pair) for pair in zip(verify_seconds, stock_verify_seconds)]
+    draft_step_seconds = measure_draft_step(model, choice, rounds, clock)
+    progress.close()
     return Calibration(
         key=key,
         choice=choice,
         verify_seconds=verify_seconds,
         stock_verify_seconds=stock_verify_seconds,
-        draft_step_seconds=measure_draft_step(model, choice, rounds, clock),
+        draft_step_seconds=draft_step_seconds,
         linear_seconds=linear_seconds,
         attention_seconds=attention_seconds,
         draft_weight_seconds=draft_weight_seconds,
@@ -230,7 +239,9 @@ def fastest(seconds: dict[str, float]) -> str:
 
 
 def fastest_per_row(timings: dict[str, list[float]]) -> list[str]:
-    """`fastest` at each row count, from per-kernel lists of seconds by row count."""
+    """`fastest` at each row count, from per-kernel lists of seconds by row count (none: nothing was timed)."""
+    if not timings:
+        return []
     rows = len(next(iter(timings.values())))
     return [fastest({kernel: seconds[row] for kernel, seconds in timings.items()}) for row in range(rows)]
 
@@ -247,7 +258,12 @@ def without_slower_rows(
         for shape, kernels in choice.linear.items()
     }
     queries = tuple(n for n in choice.grouped_attention_queries if n not in slower)
-    return replace(choice, linear=linear, grouped_attention_queries=queries)
+    return replace(choice, linear=without_stock_only(linear), grouped_attention_queries=queries)
+
+
+def without_stock_only(linear: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The shapes that take some other kernel than stock: layers of the others are not wrapped at all."""
+    return {shape: kernels for shape, kernels in linear.items() if set(kernels) != {"stock"}}
 
 
 def best_rounds(
@@ -283,7 +299,7 @@ def measure_linears(model: nn.Module, rounds: int, clock: Clock) -> dict[str, di
             layers = by_shape.setdefault(shape_name(module.weight), [])
             if sum(layer.weight.nbytes for layer in layers) < MEMORY_BOUND_BYTES:
                 layers.append(module)
-    kernels = ["stock", "weight_first"] + (["prepacked"] if prepacking_available() else [])
+    kernels = ["stock", "weight_first"] + (["prepacked"] if prepacking_fits(model) else [])
     timings = {}
     for shape, layers in by_shape.items():
         packed = [prepack(layer.weight) for layer in layers] if "prepacked" in kernels else [None] * len(layers)
@@ -302,6 +318,19 @@ def measure_linears(model: nn.Module, rounds: int, clock: Clock) -> dict[str, di
                 per_kernel[kernel].append(seconds[kernel])
         timings[shape] = per_kernel
     return timings
+
+
+def prepacking_fits(model: nn.Module) -> bool:
+    """Whether oneDNN is there and a prepacked copy of every linear layer's weights would take at most a quarter
+    of the memory still available (it is kept beside the weights while the model lives)."""
+    if not prepacking_available():
+        return False
+    needed = sum(m.weight.nbytes for m in model.modules() if type(m) is nn.Linear and is_cpu_float32(m.weight))
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # (not on every OS)
+        return False
+    return needed <= available // 4
 
 
 def measure_attention(model: nn.Module, rounds: int, clock: Clock) -> dict[str, list[float]]:
@@ -365,20 +394,16 @@ def measure_verification(
     ids = torch.randint(0, model.vocab_size, (1, CONTEXT_TOKENS + CALIBRATED_ROWS), device=device)
     cache = DynamicCache(config=base.config)
     activate_past_recording(cache, CALIBRATED_ROWS)  # (sliding-window layers must be able to go back)
+    cache_kwargs = {cache_keyword(base.forward): cache, "use_cache": True}
     seconds = {"choice": [math.inf] * CALIBRATED_ROWS, "stock": [math.inf] * CALIBRATED_ROWS}
     with torch.no_grad():
-        base(input_ids=ids[:, :CONTEXT_TOKENS], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        base(input_ids=ids[:, :CONTEXT_TOKENS], logits_to_keep=1, **cache_kwargs)
         for _ in range(rounds):
             for name in seconds:
                 with CPUKernels(model, choice if name == "choice" else KernelChoice()):
                     for n in range(1, CALIBRATED_ROWS + 1):
                         started = synchronized(clock, device)
-                        base(
-                            input_ids=ids[:, CONTEXT_TOKENS : CONTEXT_TOKENS + n],
-                            past_key_values=cache,
-                            use_cache=True,
-                            logits_to_keep=n,
-                        )
+                        base(input_ids=ids[:, CONTEXT_TOKENS : CONTEXT_TOKENS + n], logits_to_keep=n, **cache_kwargs)
                         seconds[name][n - 1] = min(seconds[name][n - 1], synchronized(clock, device) - started)
                         cache.crop(-n)
     return seconds["choice"], seconds["stock"]

@@ -173,6 +173,15 @@ class CPUKernels:
         self._switched: list = []
 
     def __enter__(self) -> CPUKernels:
+        try:
+            self._wrap_linears()
+            self._switch_attention()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wrap_linears(self) -> None:
         drafting = {id(module) for module in self.draft_modules.modules()} if self.draft_modules is not None else set()
         for parent, name, linear in list(_plain_linears(self.model)):
             draft_weight = None
@@ -184,12 +193,13 @@ class CPUKernels:
             packed = self.copies.get(linear, "prepacked", prepack) if "prepacked" in kernels else None
             setattr(parent, name, CalibratedLinear(linear, kernels, packed, draft_weight))
             self._wrapped.append((parent, name, linear))
+
+    def _switch_attention(self) -> None:
         if self.choice.grouped_attention_queries and is_torch_greater_or_equal("2.5"):
             implementation = register_grouped_attention(self.choice.grouped_attention_queries)
             for config in _grouped_sdpa_configs(self.model):
                 set_attn_implementation_of_this_config(config, implementation)
                 self._switched.append((config, implementation))
-        return self
 
     def __exit__(self, *exc_info) -> None:
         for parent, name, linear in reversed(self._wrapped):
