@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from hf_fastmtp import FastMTPForCausalLM
-from hf_fastmtp.decoding import modeling_fastmtp
+from hf_fastmtp.decoding import calibration, modeling_fastmtp
 from hf_fastmtp.decoding.calibration import CALIBRATED_ROWS, Calibration, calibration_key
 from hf_fastmtp.decoding.cpu_kernels import (
     LINEAR_KERNELS,
@@ -117,9 +117,22 @@ def architecture(request) -> str:
 @pytest.fixture(autouse=True, scope="session")
 def calibration_cache(tmp_path_factory):
     """Calibrations measured by the tests go to a folder of their own, not the user's cache."""
+    folder = tmp_path_factory.mktemp("calibration")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_FASTMTP_CACHE", str(tmp_path_factory.mktemp("hf_fastmtp_cache")))
+        patch.setattr(calibration, "calibration_dir", lambda: folder)
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """
+    These tiny models' products take microseconds: with two threads, each waits for the other core, which another
+    process on a busy machine may hold for milliseconds. One thread keeps the tests fast anywhere (and restored).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def every_kernel(model, kernel: str, draft_weights: str) -> KernelChoice:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,23 +32,13 @@ from hf_fastmtp.decoding.calibration import (
 from hf_fastmtp.decoding.cpu_kernels import CalibratedLinear, KernelChoice
 from hf_fastmtp.decoding.draft_length import DEFAULT_ACCEPTANCE, AutoDraftLength, FixedDraftLength
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """
-    These tiny models' products take microseconds: with two threads, each waits for the other core, which another
-    process on a busy machine may hold for milliseconds. One thread keeps the tests fast anywhere (and restored).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A calibration cache of the test's own."""
-    monkeypatch.setenv("HF_FASTMTP_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibration, "calibration_dir", lambda: tmp_path / "calibration")
     monkeypatch.delenv(calibration.CALIBRATION_VARIABLE, raising=False)
     return tmp_path / "calibration"
 
@@ -266,6 +257,13 @@ def test_format_calibration_shows_every_shape_and_choice(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- the cache
+
+
+def test_the_cache_folder_follows_hf_fastmtp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_FASTMTP_CACHE", str(tmp_path))
+    assert calibration.cache_dir() == tmp_path
+    monkeypatch.delenv("HF_FASTMTP_CACHE")
+    assert calibration.cache_dir() == Path.home() / ".cache" / "hf_fastmtp"
 
 
 def test_the_key_changes_with_machine_threads_torch_and_dtype(monkeypatch):

@@ -62,16 +62,7 @@ def _every_linear(layer: nn.Linear, kernel: str, draft_weights: str = "native") 
     return KernelChoice(linear={shape_name(layer.weight): (kernel,) * CALIBRATED_ROWS}, draft_weights=draft_weights)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """
-    These tiny models' products take microseconds: with two threads, each waits for the other core, which another
-    process on a busy machine may hold for milliseconds. One thread keeps the tests fast anywhere (and restored).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

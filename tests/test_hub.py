@@ -31,12 +31,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 VOCAB_MAP = "fr_zh/freq_zh_50.pt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_mimo_checkpoint(

@@ -143,9 +143,13 @@ def calibration_key(model: FastMTPForCausalLM) -> dict[str, Any]:
     }
 
 
+def calibration_dir() -> Path:
+    return cache_dir() / "calibration"
+
+
 def calibration_path(key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "calibration" / f"{digest}.json"
+    return calibration_dir() / f"{digest}.json"
 
 
 def load_or_calibrate(model: FastMTPForCausalLM, remeasure: bool = False) -> Calibration | None:
