@@ -84,6 +84,9 @@ def tiny_fastmtp(architecture: str = "llama", vocab_size: int = 97, seed: int = 
     with torch.no_grad():
         for parameter in model.head.parameters():
             parameter.normal_(0, 0.2) if parameter.ndim > 1 else parameter.fill_(1.0)
+    # A fixed K by default, so that tests of drafting draft: "auto" would mostly choose plain steps for a random head
+    # on a model this small (its own tests ask for it by name).
+    model.generation_config.num_draft_tokens = 3
     return model.eval()
 
 

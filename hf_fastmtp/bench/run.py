@@ -380,7 +380,8 @@ def _run_pending(
                     "prompt_tokens": inputs["input_ids"].shape[1],
                     "new_token_ids": result.new_token_ids,
                     "seconds": result.seconds,
-                    "stats": None if result.stats is None else result.stats.to_dict(),
+                    # (`ar` runs FastMTP's loop without drafts: its stats say nothing)
+                    "stats": result.stats.to_dict() if mode.method == "fastmtp" else None,
                 }
                 append_rows(records_path, [record])
                 bar.update()
