@@ -148,13 +148,13 @@ def every_kernel(model, kernel: str, draft_weights: str) -> KernelChoice:
     )
 
 
-def use_kernels(monkeypatch, kernel: str, draft_weights: str, verify_seconds: Sequence[float] | None = None) -> None:
+def use_kernels(monkeypatch, kernel: str, draft_weights: str, forward_seconds: Sequence[float] | None = None) -> None:
     """Every model generates with `every_kernel` (and, for "auto", these costs) instead of a measured calibration."""
-    verify_seconds = list(verify_seconds or [1.0] * CALIBRATED_ROWS)
+    forward_seconds = list(forward_seconds or [1.0] * CALIBRATED_ROWS)
 
     def calibration(model, remeasure=False):
         choice = every_kernel(model, kernel, draft_weights)
-        return Calibration(calibration_key(model), choice, verify_seconds, verify_seconds, draft_step_seconds=0.01)
+        return Calibration(calibration_key(model), choice, forward_seconds, forward_seconds, draft_step_seconds=0.01)
 
     monkeypatch.setattr(modeling_fastmtp, "load_or_calibrate", calibration)
 

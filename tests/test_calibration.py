@@ -211,9 +211,9 @@ def test_calibrate_chooses_only_what_its_timings_show_faster(monkeypatch):
     assert measured.draft_weight_seconds["float16"] == pytest.approx(0.8 * (head_linears + 1))
     # Verification: Transformers' kernels cost 1 per product; the choice less, except where it went back to stock.
     stock = len(base_linears)
-    assert measured.stock_verify_seconds == pytest.approx([stock] * CALIBRATED_ROWS)
+    assert measured.stock_forward_seconds == pytest.approx([stock] * CALIBRATED_ROWS)
     per_product = [0.5, 0.5, 1.0, 0.4 if pp else 0.5, 1.0, 1.0, 1.0, 0.2 if pp else 1.0]
-    assert measured.verify_seconds == pytest.approx([stock * seconds for seconds in per_product])
+    assert measured.forward_seconds == pytest.approx([stock * seconds for seconds in per_product])
     assert measured.draft_step_seconds > 0 and measured.seconds_taken == clock.now
 
 
@@ -226,14 +226,33 @@ def test_calibrate_keeps_stock_kernels_where_nothing_is_faster(monkeypatch):
     )
     assert measured.choice.linear == {}  # every shape stays stock, so no layer is wrapped
     assert measured.choice.grouped_attention_queries == () and measured.choice.draft_weights == "native"
-    assert measured.verify_seconds == measured.stock_verify_seconds
+    assert measured.forward_seconds == measured.stock_forward_seconds
 
 
 def test_calibration_survives_json():
     choice = KernelChoice(linear={"32x32": ("weight_first", "stock")}, grouped_attention_queries=(1, 2))
-    measured = Calibration({"machine": "x", "shapes": ["32x32"]}, choice, [1.0, 2.0], [1.5, 2.0], 0.1, {}, {}, {})
+    forward = [1.0 + n for n in range(CALIBRATED_ROWS)]
+    measured = Calibration({"machine": "x", "shapes": ["32x32"]}, choice, forward, forward, 0.1, {}, {}, {})
     assert Calibration.from_json(measured.to_json()) == measured
     assert json.loads(measured.to_json())["format"] == calibration.FORMAT_VERSION
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        {"forward_seconds": [1.0]},  # not one per row count
+        {"stock_forward_seconds": [float("nan")] * CALIBRATED_ROWS},
+        {"draft_step_seconds": -1.0},
+        {"choice": {"linear": {"32x32": ["fastest"]}, "grouped_attention_queries": [], "draft_weights": "native"}},
+        {"choice": {"linear": {}, "grouped_attention_queries": [99], "draft_weights": "native"}},
+        {"choice": {"linear": {}, "grouped_attention_queries": [], "draft_weights": "int4"}},
+    ],
+)
+def test_implausible_values_are_not_trusted(spoil):
+    forward = [1.0] * CALIBRATED_ROWS
+    text = Calibration({"machine": "x"}, KernelChoice(), forward, forward, 0.1).to_json()
+    with pytest.raises(ValueError, match="implausible"):
+        Calibration.from_json(json.dumps({**json.loads(text), **spoil}))
 
 
 def test_format_calibration_shows_every_shape_and_choice(monkeypatch):
@@ -250,8 +269,8 @@ def test_format_calibration_shows_every_shape_and_choice(monkeypatch):
         assert any(line.startswith(f"| {n} |") and line.endswith(f"| {chosen} |") for line in lines)
     assert f"chosen: {measured.choice.draft_weights}." in table
     verification = lines[lines.index("| new tokens verified | stock forward | chosen kernels | x one stock token |") :]
-    one = measured.stock_verify_seconds[0]
-    for n, ours in enumerate(measured.verify_seconds, start=1):
+    one = measured.stock_forward_seconds[0]
+    for n, ours in enumerate(measured.forward_seconds, start=1):
         assert verification[n + 1].startswith(f"| {n} | ") and verification[n + 1].endswith(f"| {ours / one:.2f} |")
     assert "A draft step:" in lines[-1]
 
@@ -298,7 +317,8 @@ def counting_calibrate(monkeypatch) -> list[dict]:
     def fake(model, key=None, rounds=calibration.ROUNDS, clock=None):
         calls.append(key)
         choice = KernelChoice(linear={"32x32": ("weight_first",) * 2}, draft_weights="float16")
-        return Calibration(key, choice, [1.0, 1.1], [1.0, 1.2], 0.01, seconds_taken=len(calls))
+        forward = [1.0 + n / 10 for n in range(CALIBRATED_ROWS)]
+        return Calibration(key, choice, forward, forward, 0.01, seconds_taken=len(calls))
 
     monkeypatch.setattr(calibration, "calibrate", fake)
     return calls
@@ -329,7 +349,7 @@ def wrong_format(text: str) -> str:
 
 def missing_fields(text: str) -> str:
     data = json.loads(text)
-    del data["choice"]["linear"], data["verify_seconds"]
+    del data["choice"]["linear"], data["forward_seconds"]
     return json.dumps(data)
 
 
@@ -421,7 +441,7 @@ def test_auto_drafts_nothing_where_verification_is_expensive_and_acceptance_low(
     policy = AutoDraftLength([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 0.05, [0.3])  # V(n) = n
     assert policy.max_draft_tokens == CALIBRATED_ROWS - 1
     assert policy(stats_with(0, 0, 0)) == 0
-    rates = policy.expected_rates([0.3] * 7)
+    rates = policy.expected_rates([0.3] * 7, policy.draft_step_seconds)
     assert rates[0] == pytest.approx(1.0) and rates[1] == pytest.approx(1.3 / 2.05)
 
 
@@ -431,7 +451,7 @@ def test_auto_drafts_three_where_verifying_four_tokens_costs_about_one():
     assert policy.prior_acceptance == [0.6] * 7  # later positions as likely as the last recorded one
     assert policy(stats_with(0, 0, 0)) == 3
     expected = [1.0, 1.6 / 1.01, (1.6 + 0.36) / 1.02, (1.96 + 0.216) / 1.03]
-    assert policy.expected_rates(policy.prior_acceptance)[:4] == pytest.approx(expected)
+    assert policy.expected_rates(policy.prior_acceptance, policy.draft_step_seconds)[:4] == pytest.approx(expected)
 
 
 def test_auto_follows_the_acceptance_of_the_call():
@@ -448,12 +468,63 @@ def test_auto_follows_the_acceptance_of_the_call():
     assert FixedDraftLength(4)(rejected) == 4 and FixedDraftLength(4).max_draft_tokens == 4
 
 
+def test_auto_drafts_again_after_a_run_of_plain_steps():
+    policy = AutoDraftLength([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 0.05, [0.1])
+    chosen = [policy(stats_with(0, 0, 0)) for _ in range(2 * (draft_length.PROBE_AFTER + 1))]
+    probe = [0] * draft_length.PROBE_AFTER + [1]
+    assert chosen == probe + probe  # plain steps teach it nothing: every so often one draft finds out
+
+
+def test_auto_costs_draft_steps_as_this_call_measures_them():
+    policy = AutoDraftLength([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7], 0.01, [0.6])
+    stats = stats_with(0, 0, 0)
+    assert policy.draft_step_cost(stats) == 0.01  # the calibration's, until the call has drafted enough
+    stats.head_steps, stats.draft_seconds = draft_length.OBSERVED_STEPS, draft_length.OBSERVED_STEPS * 2.0
+    assert policy.draft_step_cost(stats) == 2.0
+    assert policy(stats) == 0  # (a draft step that costs two forwards is never worth it)
+
+
+def test_calibrating_leaves_the_random_state_alone(cache):
+    model = tiny_fastmtp("llama")
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    model.calibration()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_calibration_that_fails_falls_back_to_transformers_kernels(cache, monkeypatch, caplog):
+    def failing(*args, **kwargs):
+        raise RuntimeError("no kernel for this build")
+
+    monkeypatch.setattr(calibration, "calibrate", failing)
+    model = tiny_fastmtp("llama")
+    assert model.calibration() is None and "Calibration failed" in caplog.text
+    input_ids = torch.tensor([[5, 9, 2, 7, 5]])
+    assert torch.equal(greedy(model, input_ids, fastmtp=True, num_draft_tokens="auto"), greedy(model, input_ids))
+
+
+def test_the_setting_is_read_on_every_call(cache, monkeypatch):
+    model = tiny_fastmtp("llama")
+    assert model.calibration() is not None
+    monkeypatch.setenv(calibration.CALIBRATION_VARIABLE, "off")
+    assert model.calibration() is None
+    monkeypatch.setenv(calibration.CALIBRATION_VARIABLE, "on")
+    assert model.calibration() is not None
+
+
+def test_plain_steps_refuse_prompt_lookup():
+    model = tiny_fastmtp("llama")
+    with pytest.raises(ValueError, match="num_draft_tokens=0 never drafts"):
+        greedy(model, torch.tensor([[5, 9, 2]]), fastmtp=True, num_draft_tokens=0, prompt_lookup_num_tokens=3)
+
+
 def test_auto_reads_the_calibration_and_the_heads_acceptance(monkeypatch):
     model = tiny_fastmtp("llama")
     model.config.draft_acceptance = [0.7, 0.6]
     measured = Calibration({}, KernelChoice(), [1.0, 1.1, 1.2], [1.0, 1.2, 1.3], 0.02)
     policy = model.draft_length("auto", measured)
-    assert isinstance(policy, AutoDraftLength) and policy.verify_seconds == [1.0, 1.1, 1.2]
+    assert isinstance(policy, AutoDraftLength) and policy.forward_seconds == [1.0, 1.1, 1.2]
     assert policy.draft_step_seconds == 0.02 and policy.prior_acceptance == [0.7, 0.6]
     assert model.draft_length("auto", None).max_draft_tokens == model.config.num_draft_tokens
     assert model.draft_length(5, measured).max_draft_tokens == 5
@@ -467,8 +538,8 @@ def test_greedy_output_is_unchanged_with_a_measured_calibration(architecture, ca
     model = tiny_fastmtp(architecture)
     measured = model.calibration()
     assert calibration_path(calibration_key(model)).exists()
-    assert len(measured.verify_seconds) == len(measured.stock_verify_seconds) == CALIBRATED_ROWS
-    assert all(0 < ours <= theirs for ours, theirs in zip(measured.verify_seconds, measured.stock_verify_seconds))
+    assert len(measured.forward_seconds) == len(measured.stock_forward_seconds) == CALIBRATED_ROWS
+    assert all(0 < ours <= theirs for ours, theirs in zip(measured.forward_seconds, measured.stock_forward_seconds))
     for kernels in measured.choice.linear.values():
         assert len(kernels) == CALIBRATED_ROWS
     input_ids = torch.tensor([[5, 9, 2, 7, 5, 9, 3]])
@@ -489,7 +560,7 @@ def test_a_model_without_grouped_query_attention_calibrates_and_generates(cache)
 
 def test_sampling_distribution_is_preserved_with_auto_draft_length(monkeypatch):
     # Verification costs that make K follow the acceptance: 2 at the prior 0.5, fewer or more as cycles go.
-    use_kernels(monkeypatch, "weight_first", "float16", verify_seconds=[1.0, 1.3, 1.5, 1.8, 2.2, 2.6, 3.0, 3.4])
+    use_kernels(monkeypatch, "weight_first", "float16", forward_seconds=[1.0, 1.3, 1.5, 1.8, 2.2, 2.6, 3.0, 3.4])
     chosen = Counter()
     choose = draft_length.AutoDraftLength.__call__
 

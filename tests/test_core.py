@@ -347,6 +347,45 @@ def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeyp
     )
 
 
+class ScriptedDraftLength:
+    """K for each cycle from a repeating script: plain steps between drafting cycles, as "auto" may choose."""
+
+    max_draft_tokens = 3
+
+    def __init__(self, script: list[int]):
+        self.script, self.cycle = script, 0
+
+    def __call__(self, stats) -> int:
+        self.cycle += 1
+        return self.script[(self.cycle - 1) % len(self.script)]
+
+
+def test_head_cache_catches_up_after_plain_steps(architecture, monkeypatch):
+    model = tiny_fastmtp(architecture)
+    use_kernels(monkeypatch, "stock", "native")
+    monkeypatch.setattr(type(model), "draft_length", lambda self, *args: ScriptedDraftLength([0, 0, 2, 0, 1, 3]))
+    captured = capture_generator(model, monkeypatch)
+    input_ids = prompt(11)
+    output = greedy(model, input_ids, max_new_tokens=30, fastmtp=True, num_draft_tokens=3)
+    assert torch.equal(output, greedy(model, input_ids, max_new_tokens=30))
+    generator = captured[0]
+    assert generator.stats.drafted_per_position[0] < generator.stats.cycles  # plain steps happened
+    generator.head_cache.crop(-generator.head_cache_speculative_length)
+    verified = generator.head_cache_verified_length
+    # Up to the last drafting cycle's tokens (K + 1) and two plain steps after it are not in the head's cache yet.
+    assert output.shape[1] - 1 - verified <= 3 + 1 + 2
+    with torch.no_grad():
+        hidden = model.model(output, output_hidden_states=-1).hidden_states[-1]
+        reference = DynamicCache(config=model.head_config)
+        positions = torch.arange(verified).unsqueeze(0)
+        model.mtp_forward(hidden[:, :verified], output[:, 1 : verified + 1], positions, reference)
+    kept = generator.head_cache.layers[0].keys.shape[-2]
+    for name in ("keys", "values"):
+        incremental = getattr(generator.head_cache.layers[0], name)
+        expected = getattr(reference.layers[0], name)[..., -kept:, :]
+        torch.testing.assert_close(incremental, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_head_never_recomputes_the_prefix(monkeypatch):
     model = tiny_fastmtp("llama")
     calls = []

@@ -364,6 +364,7 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_FASTMTP_CACHE": str(tmp_path / "hf_fastmtp"),  # (calibrations measured in the subprocess)
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": "",
     }
@@ -414,7 +415,8 @@ def test_head_folder_loads_and_generates_without_hf_fastmtp(tmp_path):
         "speculative_decoding.py",
         "transformers_compat.py",
     }
-    assert remote_code | {"draft_vocab.py", "cpu_kernels.py"} <= files
+    modules = {"draft_vocab.py", "cpu_kernels.py", "calibration.py", "draft_weights.py", "draft_length.py"}
+    assert remote_code | modules <= files
     assert {"hub_files.py", "mimo.py", "model_card.py"} <= files
     assert not files & {"checkpoints.py", "export.py", "run.py", "train.py"}  # nothing beyond decoding/
     config = json.loads((head / "config.json").read_text())

@@ -49,7 +49,7 @@ def render_markdown(results: dict) -> str:
     if any(entry["overall"].get("tau") is not None for entry in results["by_mode"].values()):
         sections += ["## Acceptance by draft position (cumulative / conditional)", acceptance_table(results)]
     if results.get("forward_ms"):
-        sections += ["## Verification cost on this hardware", forward_cost_table(results["forward_ms"])]
+        sections += ["## Verification cost on this hardware", verification_cost_table(results["forward_ms"])]
     sections += [lossless_line(results), hardware_line(results["hardware"])]
     return "\n\n".join(sections) + "\n"
 
@@ -131,7 +131,7 @@ def lookup_cell(summary: dict) -> str:
     return f"{summary['lookup_cycles']}: {_percent(accepted)} of {summary['lookup_drafted']}"
 
 
-def forward_cost_table(forward_ms: dict) -> str:
+def verification_cost_table(forward_ms: dict) -> str:
     """One base forward over n new tokens: verifying K drafts costs the n = K + 1 column, a plain step n = 1."""
     stock = {int(n): ms for n, ms in forward_ms["stock"].items()}  # (JSON keys are strings)
     chosen = {int(n): ms for n, ms in forward_ms["chosen"].items()}
@@ -253,7 +253,12 @@ def plot_acceptance(figure, results: dict) -> bool:
 
 def plot_k_sweep(figure, results: dict) -> bool:
     """tau and tok/s against K, one line per draft vocabulary (and confidence threshold)."""
-    lines = _sweep(results, along="num_draft_tokens")
+    # ("auto" has no place on a K axis: its K changes from cycle to cycle)
+    lines = {
+        name: fixed
+        for name, points in _sweep(results, along="num_draft_tokens").items()
+        if (fixed := [(k, summary) for k, summary in points if k != "auto"])
+    }
     if not lines:
         return False
     for axes, metric in zip(figure.subplots(1, 2), ("tau", "tokens_per_second")):
@@ -354,7 +359,14 @@ def fastmtp_lines(runs: dict[str, dict]) -> dict[str, list[dict]]:
             ]
             name = f"{label} ({', '.join(named)})" if named else label
             lines.setdefault(name, []).append({**entry["overall"], **entry["options"]})
-    return {name: sorted(points, key=lambda point: point["num_draft_tokens"]) for name, points in lines.items()}
+    return {
+        name: sorted(points, key=lambda point: k_order(point["num_draft_tokens"])) for name, points in lines.items()
+    }
+
+
+def k_order(num_draft_tokens: int | str) -> tuple[int, int]:
+    """Fixed Ks in order, then "auto"."""
+    return (1, 0) if num_draft_tokens == "auto" else (0, num_draft_tokens)
 
 
 def comparison_table(runs: dict[str, dict]) -> str:
@@ -363,7 +375,7 @@ def comparison_table(runs: dict[str, dict]) -> str:
     at the largest K.
     """
     lines = fastmtp_lines(runs)
-    ks = sorted({point["num_draft_tokens"] for points in lines.values() for point in points})
+    ks = sorted({point["num_draft_tokens"] for points in lines.values() for point in points}, key=k_order)
     header = ["run", *[f"K={k} {metric}" for k in ks for metric in ("tau", "speedup")], "acceptance at the largest K"]
     rows = []
     for name, points in lines.items():
@@ -385,7 +397,8 @@ def plot_comparison(figure, runs: dict[str, dict]) -> bool:
         return False
     tau_axes, acceptance_axes = figure.subplots(1, 2)
     for name, points in lines.items():
-        tau_axes.plot([p["num_draft_tokens"] for p in points], [p["tau"] for p in points], marker="o", label=name)
+        fixed = [p for p in points if p["num_draft_tokens"] != "auto"]
+        tau_axes.plot([p["num_draft_tokens"] for p in fixed], [p["tau"] for p in fixed], marker="o", label=name)
         rates = points[-1]["acceptance_cumulative"]
         acceptance_axes.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
     tau_axes.set_xlabel("K (drafts per cycle)")

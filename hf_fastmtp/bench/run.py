@@ -52,7 +52,7 @@ METHODS = (REFERENCE, "ar", "fastmtp", "pld", "assisted")
 DEFAULT_METHODS = (REFERENCE, "ar", "fastmtp", "pld")
 SETTINGS_NAME = "settings.json"
 RECORDS_NAME = "records.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `ar` is plain steps in FastMTP's loop, `ar-stock` the reference
 # Records made with other values of these are not comparable: never mix them into one folder.
 IDENTITY_KEYS = ("format_version", "model", "max_new_tokens")
 RECORD_FIELDS = ("question_id", "category", "mode", "method", "options", "new_token_ids", "seconds", "stats")
@@ -97,8 +97,8 @@ def verification_cost(model: FastMTPForCausalLM) -> dict[str, dict[int, float]] 
     if calibration is None:
         return None
     return {
-        "chosen": {n: 1000 * s for n, s in enumerate(calibration.verify_seconds, start=1)},
-        "stock": {n: 1000 * s for n, s in enumerate(calibration.stock_verify_seconds, start=1)},
+        "chosen": {n: 1000 * s for n, s in enumerate(calibration.forward_seconds, start=1)},
+        "stock": {n: 1000 * s for n, s in enumerate(calibration.stock_forward_seconds, start=1)},
     }
 
 

@@ -45,6 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     threshold = resolve_confidence_threshold(args)
     inputs = encode_chat(tokenizer, args.prompt)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if not args.no_fastmtp:
+        model.calibration()  # (measured once per machine: not to be timed as generation)
     run = timed_generate(
         model,
         inputs,

@@ -31,11 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from torch import nn
 from transformers.cache_utils import DynamicCache
+from transformers.utils import is_torch_greater_or_equal
 from transformers.utils.logging import tqdm
 
 from .cpu_kernels import (
+    LINEAR_KERNELS,
     CPUKernels,
     KernelChoice,
     grouped_attention,
@@ -46,7 +49,7 @@ from .cpu_kernels import (
     shape_name,
 )
 from .draft_weights import DRAFT_WEIGHT_FORMATS, DraftWeight, draft_linear, int8_kernel_takes
-from .transformers_compat import activate_past_recording, cache_keyword
+from .transformers_compat import activate_past_recording, attn_implementation, cache_keyword
 
 if TYPE_CHECKING:
     from .modeling_fastmtp import FastMTPForCausalLM
@@ -59,9 +62,10 @@ CONTEXT_TOKENS = 256  # the cache a timed verification forward attends over
 MARGIN = 0.03  # a kernel other than Transformers' own must be at least this much faster to be chosen
 ROUNDS = 5
 # A heuristic: more weights than most CPU caches hold, so that products over them run at memory speed, as in a real
-# model's forward (each layer shape is timed over its layers up to this many bytes).
+# model's forward (each layer shape is timed over its layers up to this many bytes; a shape with fewer bytes in all,
+# such as a small model's key/value projections, is timed partly from cache).
 MEMORY_BOUND_BYTES = 64 * 2**20
-DRAFT_VOCAB_ROWS = 8192  # draft-step products are timed with this many lm_head rows: a draft vocabulary's
+DRAFT_VOCAB_ROWS = 8192  # draft-step products are timed with this many lm_head rows (a draft vocabulary's size)
 # "off": no calibration (Transformers' kernels, and `num_draft_tokens="auto"` drafts the head's default K).
 CALIBRATION_VARIABLE = "HF_FASTMTP_CALIBRATION"
 
@@ -77,14 +81,15 @@ def cache_dir() -> Path:
 class Calibration:
     """
     What was measured on this machine for one model, and what was chosen from it. Seconds are best rounds;
-    `verify_seconds[n - 1]` is a verification forward over n new tokens under `choice`, `stock_verify_seconds` the
-    same under Transformers' kernels, `draft_step_seconds` one recursive step of the head.
+    `forward_seconds[n - 1]` is a verification forward over n new tokens with the kernels chosen (the faster of
+    `choice` and Transformers' at that n), `stock_forward_seconds` the same under Transformers' kernels,
+    `draft_step_seconds` one recursive step of the head with a draft vocabulary's worth of lm_head rows.
     """
 
     key: dict[str, Any]
     choice: KernelChoice
-    verify_seconds: list[float]
-    stock_verify_seconds: list[float]
+    forward_seconds: list[float]
+    stock_forward_seconds: list[float]
     draft_step_seconds: float
     linear_seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     attention_seconds: dict[str, list[float]] = field(default_factory=dict)
@@ -105,7 +110,23 @@ class Calibration:
             grouped_attention_queries=tuple(choice["grouped_attention_queries"]),
             draft_weights=choice["draft_weights"],
         )
-        return cls(choice=choice, **data)
+        calibration = cls(choice=choice, **data)
+        calibration.check()
+        return calibration
+
+    def check(self) -> None:
+        """Raises ValueError for a calibration that cannot have been measured (a file edited or spoiled)."""
+        seconds = [*self.forward_seconds, *self.stock_forward_seconds, self.draft_step_seconds]
+        kernels = {kernel for row_kernels in self.choice.linear.values() for kernel in row_kernels}
+        if (
+            len(self.forward_seconds) != CALIBRATED_ROWS
+            or len(self.stock_forward_seconds) != CALIBRATED_ROWS
+            or not all(isinstance(s, (int, float)) and 0 < s < math.inf for s in seconds)
+            or not kernels <= set(LINEAR_KERNELS)
+            or not all(isinstance(n, int) and 1 <= n <= CALIBRATED_ROWS for n in self.choice.grouped_attention_queries)
+            or self.choice.draft_weights not in DRAFT_WEIGHT_FORMATS
+        ):
+            raise ValueError("implausible calibration values")
 
 
 def machine_name(device: torch.device) -> str:
@@ -129,10 +150,12 @@ def calibration_key(model: FastMTPForCausalLM) -> dict[str, Any]:
         "machine": machine_name(weight.device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "device": weight.device.type,
         "dtype": str(weight.dtype).removeprefix("torch."),
         "model_type": attention.model_type,
+        "attention": attn_implementation(attention),
         "linear_shapes": sorted({shape_name(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}),
         "num_layers": attention.num_hidden_layers,
         "attention_heads": [
@@ -152,15 +175,21 @@ def calibration_path(key: dict[str, Any]) -> Path:
     return calibration_dir() / f"{digest}.json"
 
 
-def load_or_calibrate(model: FastMTPForCausalLM, remeasure: bool = False) -> Calibration | None:
-    """
-    This machine's calibration for `model`: read from the cache, or measured (and saved) if there is none, if it
-    cannot be read or was measured for another key, or if `remeasure`. None when `HF_FASTMTP_CALIBRATION=off`.
-    """
+def calibration_enabled() -> bool:
+    """`HF_FASTMTP_CALIBRATION`: "on" (the default) or "off"."""
     setting = os.environ.get(CALIBRATION_VARIABLE, "on")
     if setting not in ("on", "off"):
         raise ValueError(f"{CALIBRATION_VARIABLE} must be 'on' or 'off', got {setting!r}.")
-    if setting == "off":
+    return setting == "on"
+
+
+def load_or_calibrate(model: FastMTPForCausalLM, remeasure: bool = False) -> Calibration | None:
+    """
+    This machine's calibration for `model`: read from the cache, or measured (and saved) if there is none, if it
+    cannot be read or was measured for another key, or if `remeasure`. None when `HF_FASTMTP_CALIBRATION=off`, or
+    when measuring fails (FastMTP then runs with Transformers' kernels and the head's default K).
+    """
+    if not calibration_enabled():
         return None
     key = calibration_key(model)
     path = calibration_path(key)
@@ -173,8 +202,15 @@ def load_or_calibrate(model: FastMTPForCausalLM, remeasure: bool = False) -> Cal
         except (OSError, ValueError, TypeError, KeyError) as error:
             logger.warning("The calibration in %s cannot be read (%s): measuring again.", path, error)
     logger.warning("Calibrating FastMTP for this machine (%s), once; kept in %s.", key["machine"], path)
-    calibration = calibrate(model, key)
-    save_calibration(calibration, path)
+    try:
+        calibration = calibrate(model, key)
+    except Exception as error:  # a model or build this cannot time: never worth failing `generate` for
+        logger.warning("Calibration failed (%s): generating with Transformers' kernels.", error)
+        return None
+    try:
+        save_calibration(calibration, path)
+    except OSError as error:
+        logger.warning("The calibration cannot be kept in %s (%s): it is used for this process only.", path, error)
     return calibration
 
 
@@ -183,7 +219,11 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as staging:
         staging.write(calibration.to_json())
-    os.replace(staging.name, path)
+    try:
+        os.replace(staging.name, path)
+    except OSError:
+        os.unlink(staging.name)
+        raise
 
 
 def calibrate(
@@ -197,9 +237,9 @@ def calibrate(
     key = key if key is not None else calibration_key(model)
     linear_seconds, attention_seconds, draft_weight_seconds = {}, {}, {}
     choice = KernelChoice()
-    kernels = is_cpu_float32(model.get_output_embeddings().weight)
-    progress = tqdm(total=5 if kernels else 2, desc="Calibrating", unit="step", leave=False)
-    if kernels:
+    cpu_float32 = is_cpu_float32(model.get_output_embeddings().weight)
+    progress = tqdm(total=5 if cpu_float32 else 2, desc="Calibrating", unit="step", leave=False)
+    if cpu_float32:
         linear_seconds = measure_linears(model.model, rounds, clock)
         progress.update()
         attention_seconds = measure_attention(model.model, rounds, clock)
@@ -213,17 +253,17 @@ def calibrate(
             ),
             draft_weights=fastest(draft_weight_seconds),
         )
-    verify_seconds, stock_verify_seconds = measure_verification(model, choice, rounds, clock)
+    forward_seconds, stock_forward_seconds = measure_verification(model, choice, rounds, clock)
     progress.update()
-    choice = without_slower_rows(choice, verify_seconds, stock_verify_seconds)
-    verify_seconds = [min(pair) for pair in zip(verify_seconds, stock_verify_seconds)]
+    choice = without_slower_rows(choice, forward_seconds, stock_forward_seconds)
+    forward_seconds = [min(pair) for pair in zip(forward_seconds, stock_forward_seconds)]
     draft_step_seconds = measure_draft_step(model, choice, rounds, clock)
     progress.close()
     return Calibration(
         key=key,
         choice=choice,
-        verify_seconds=verify_seconds,
-        stock_verify_seconds=stock_verify_seconds,
+        forward_seconds=forward_seconds,
+        stock_forward_seconds=stock_forward_seconds,
         draft_step_seconds=draft_step_seconds,
         linear_seconds=linear_seconds,
         attention_seconds=attention_seconds,
@@ -251,10 +291,11 @@ def fastest_per_row(timings: dict[str, list[float]]) -> list[str]:
 
 
 def without_slower_rows(
-    choice: KernelChoice, verify_seconds: list[float], stock_verify_seconds: list[float]
+    choice: KernelChoice, forward_seconds: list[float], stock_forward_seconds: list[float]
 ) -> KernelChoice:
     """The choice with Transformers' kernels at every row count where the whole forward was not faster."""
-    slower = {n for n, (ours, stock) in enumerate(zip(verify_seconds, stock_verify_seconds), start=1) if ours >= stock}
+    pairs = zip(forward_seconds, stock_forward_seconds)
+    slower = {n for n, (ours, stock) in enumerate(pairs, start=1) if ours >= stock}
     if not slower:
         return choice
     linear = {
@@ -343,8 +384,8 @@ def measure_attention(model: nn.Module, rounds: int, clock: Clock) -> dict[str, 
     `CONTEXT_TOKENS` cache, on the shapes of the model's first grouped-query attention layer. Empty without one.
     """
     module = next((m for m in model.modules() if getattr(m, "num_key_value_groups", 1) > 1), None)
-    if module is None or not hasattr(module, "head_dim"):
-        return {}
+    if module is None or not hasattr(module, "head_dim") or not is_torch_greater_or_equal("2.5"):
+        return {}  # (grouped attention needs PyTorch's `enable_gqa`, 2.5)
     heads = module.config.num_attention_heads
     kv_heads = heads // module.num_key_value_groups
     key = torch.ones(1, kv_heads, CONTEXT_TOKENS + CALIBRATED_ROWS, module.head_dim)
@@ -385,7 +426,8 @@ def measure_draft_weights(model: FastMTPForCausalLM, rounds: int, clock: Clock) 
     try:
         return best_rounds({f: products(f) for f in formats}, rounds, clock, lambda: other_memory.fill_(0.0))
     except (NotImplementedError, RuntimeError):  # a PyTorch build without the int8 kernel for this CPU
-        return best_rounds({f: products(f) for f in formats if f != "int8"}, rounds, clock)
+        without_int8 = {f: products(f) for f in formats if f != "int8"}
+        return best_rounds(without_int8, rounds, clock, lambda: other_memory.fill_(0.0))
 
 
 def measure_verification(
@@ -394,20 +436,24 @@ def measure_verification(
     """The base's forward over n = 1..`CALIBRATED_ROWS` new tokens after a `CONTEXT_TOKENS` cache: under `choice`, and
     under Transformers' kernels, interleaved."""
     base = model.model
+    # (a model with learned positions has no more than `max_position_embeddings` of them)
+    context = min(CONTEXT_TOKENS, getattr(base.config, "max_position_embeddings", 2**31) - CALIBRATED_ROWS)
     device = model.get_output_embeddings().weight.device
-    ids = torch.randint(0, model.vocab_size, (1, CONTEXT_TOKENS + CALIBRATED_ROWS), device=device)
+    # (a generator of its own: calibrating must not move the RNG a seeded sampling call goes on with)
+    random_ids = torch.randint(model.vocab_size, (1, context + CALIBRATED_ROWS), generator=torch.Generator())
+    ids = random_ids.to(device)
     cache = DynamicCache(config=base.config)
     activate_past_recording(cache, CALIBRATED_ROWS)  # (sliding-window layers must be able to go back)
     cache_kwargs = {cache_keyword(base.forward): cache, "use_cache": True}
     seconds = {"choice": [math.inf] * CALIBRATED_ROWS, "stock": [math.inf] * CALIBRATED_ROWS}
     with torch.no_grad():
-        base(input_ids=ids[:, :CONTEXT_TOKENS], logits_to_keep=1, **cache_kwargs)
+        base(input_ids=ids[:, :context], logits_to_keep=1, **cache_kwargs)
         for _ in range(rounds):
             for name in seconds:
                 with CPUKernels(model, choice if name == "choice" else KernelChoice()):
                     for n in range(1, CALIBRATED_ROWS + 1):
                         started = synchronized(clock, device)
-                        base(input_ids=ids[:, CONTEXT_TOKENS : CONTEXT_TOKENS + n], logits_to_keep=n, **cache_kwargs)
+                        base(input_ids=ids[:, context : context + n], logits_to_keep=n, **cache_kwargs)
                         seconds[name][n - 1] = min(seconds[name][n - 1], synchronized(clock, device) - started)
                         cache.crop(-n)
     return seconds["choice"], seconds["stock"]
@@ -439,6 +485,8 @@ def synchronized(clock: Clock, device: torch.device) -> float:
     """The clock, after the accelerator's queued work has finished."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
     return clock()
 
 
@@ -460,7 +508,8 @@ def format_calibration(calibration: Calibration) -> str:
         ]
         lines += ["| --- " * (3 + len(next(iter(calibration.linear_seconds.values())))) + "|"]
         for shape, timings in calibration.linear_seconds.items():
-            for row, kernel in enumerate(choice.linear.get(shape, ()), start=1):
+            rows = len(next(iter(timings.values())))
+            for row, kernel in enumerate(choice.linear.get(shape, ("stock",) * rows), start=1):
                 cells = " | ".join(f"{seconds[row - 1] * 1e3:.3f} ms" for seconds in timings.values())
                 lines.append(f"| {shape} | {row} | {cells} | {kernel} |")
         lines.append("")
@@ -477,8 +526,8 @@ def format_calibration(calibration: Calibration) -> str:
         "| new tokens verified | stock forward | chosen kernels | x one stock token |",
         "| --- | --- | --- | --- |",
     ]
-    one = calibration.stock_verify_seconds[0]
-    for n, (stock, ours) in enumerate(zip(calibration.stock_verify_seconds, calibration.verify_seconds), start=1):
+    one = calibration.stock_forward_seconds[0]
+    for n, (stock, ours) in enumerate(zip(calibration.stock_forward_seconds, calibration.forward_seconds), start=1):
         lines.append(f"| {n} | {stock * 1e3:.1f} ms | {ours * 1e3:.1f} ms | {ours / one:.2f} |")
     lines += ["", f"A draft step: {calibration.draft_step_seconds * 1e3:.2f} ms."]
     return "\n".join(lines)

@@ -93,7 +93,7 @@ def check_num_draft_tokens(num_draft_tokens: int) -> int:
 
 def check_draft_length(num_draft_tokens: int | str) -> int | str:
     """Checks `generate`'s `num_draft_tokens`: "auto", or K from 0 (plain steps) to `MAX_DRAFT_TOKENS`."""
-    if num_draft_tokens == "auto" or num_draft_tokens == 0:
+    if num_draft_tokens == "auto" or (type(num_draft_tokens) is int and num_draft_tokens == 0):
         return num_draft_tokens
     try:
         return check_num_draft_tokens(num_draft_tokens)

@@ -89,7 +89,8 @@ def prepacking_available() -> bool:
 
 
 def prepack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The weights in oneDNN's blocked layout, for `linear_product(..., "prepacked")`."""
+    """The weights in oneDNN's blocked layout, for `linear_product(..., "prepacked")` (the bias is used as it is:
+    `bias` is there for `WeightCopies.get`, which passes both)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PADDED_ROWS)
 
 
@@ -146,7 +147,7 @@ class CalibratedLinear(nn.Linear):
         rows = input.numel() // self.in_features
         if self.draft_weight is not None and self.draft_weight.serves(rows):
             return draft_linear(input, self.draft_weight)
-        kernel = self.kernels[rows - 1] if rows <= len(self.kernels) else "stock"
+        kernel = self.kernels[rows - 1] if 0 < rows <= len(self.kernels) else "stock"
         return linear_product(kernel, input, self.weight, self.bias, self.packed)
 
 
@@ -219,13 +220,16 @@ class CPUKernels:
 
 
 def _plain_linears(model: nn.Module):
-    """(parent, attribute, layer) for the float32 `nn.Linear` layers on a CPU, without hooks, under `model`."""
+    """
+    (parent, attribute, layer) for the float32 `nn.Linear` layers on a CPU under `model`, without hooks (accelerate's
+    included: they replace `forward`).
+    """
     for parent in model.modules():
         for name, child in parent.named_children():
             if (
                 type(child) is nn.Linear
                 and is_cpu_float32(child.weight)
-                and not (child._forward_hooks or child._forward_pre_hooks)
+                and not (child._forward_hooks or child._forward_pre_hooks or hasattr(child, "_hf_hook"))
             ):
                 yield parent, name, child
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .cpu_kernels import DraftWeight, WeightSource
+    from .draft_weights import DraftWeight, WeightSource
 
 CODE_SYMBOLS = set("{}[]();=<>#*/\\|&%$_+-`'\":")
 MIN_LETTERS = 4

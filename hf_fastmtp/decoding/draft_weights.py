@@ -46,6 +46,8 @@ class DraftWeight(NamedTuple):
     @classmethod
     def compact(cls, weight: torch.Tensor, bias: torch.Tensor | None, weight_format: str) -> DraftWeight:
         """The weights in `weight_format`: as they are, float16 copies, or int8 rows (one symmetric scale each)."""
+        if weight_format not in DRAFT_WEIGHT_FORMATS:
+            raise ValueError(f"Unknown draft weight format {weight_format!r}: one of {DRAFT_WEIGHT_FORMATS}.")
         weight = weight.detach()
         bias = None if bias is None else bias.detach()
         if weight_format == "native" or (weight_format == "int8" and not int8_kernel_takes(weight)):

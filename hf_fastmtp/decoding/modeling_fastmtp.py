@@ -21,7 +21,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import CONFIG_NAME
 
-from .calibration import Calibration, calibration_key, load_or_calibrate
+from .calibration import Calibration, calibration_enabled, calibration_key, load_or_calibrate
 from .candidate_generator import FastMTPStats
 from .configuration_fastmtp import (
     FastMTPConfig,
@@ -491,7 +491,9 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             fastmtp (`bool`, *optional*, defaults to `False`):
                 Draft with the MTP head and verify with the base model. Lossless: greedy output is identical to
-                `fastmtp=False`, and sampled output has the same distribution.
+                `fastmtp=False`, and sampled output has the same distribution. (On a CPU the calibrated kernels
+                compute the same products in another order, so logits agree to float32 rounding, as between any
+                two BLAS kernels: only an exact near-tie could tell them apart.)
             num_draft_tokens (`int` or `"auto"`, *optional*, defaults to `"auto"`):
                 Tokens drafted per cycle (K). `"auto"` chooses K in every cycle (0, a plain step, included) for the
                 most tokens per second, from this machine's measured costs of verifying and drafting and from the
@@ -526,19 +528,29 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         if draft_confidence_threshold is None:
             draft_confidence_threshold = getattr(settings, "draft_confidence_threshold", None)
         draft_confidence_threshold = check_draft_confidence_threshold(draft_confidence_threshold)
-        calibration = self.calibration()
-        choice = calibration.choice if calibration is not None else KernelChoice()
-        draft_vocabulary, language = self.resolve_draft_vocab(
-            draft_vocab, input_ids, kwargs.get("tokenizer"), choice.draft_weights
-        )
+        prompt_lookup_num_tokens = call_setting(settings, kwargs, "prompt_lookup_num_tokens")
+        if num_draft_tokens == 0 and prompt_lookup_num_tokens:
+            raise ValueError(
+                "num_draft_tokens=0 never drafts, so prompt lookup would never run: drop prompt_lookup_num_tokens, "
+                "or draft (num_draft_tokens='auto' or K >= 1)."
+            )
         check_fastmtp_call(input_ids, settings, kwargs)
+        # Measured (once per machine) where it chooses something: kernels for float32 on a CPU, K for "auto".
+        wanted = num_draft_tokens == "auto" or is_cpu_float32(self.get_output_embeddings().weight)
+        calibration = self.calibration() if wanted else None
+        choice = calibration.choice if calibration is not None else KernelChoice()
+        draft_vocabulary, language = None, None
+        if num_draft_tokens != 0:  # (plain steps draft over nothing)
+            draft_vocabulary, language = self.resolve_draft_vocab(
+                draft_vocab, input_ids, kwargs.get("tokenizer"), choice.draft_weights
+            )
 
         drafter_options = {
             "draft_length": self.draft_length(num_draft_tokens, calibration),
             "draft_vocabulary": draft_vocabulary,
             "language": language,
             "confidence_threshold": draft_confidence_threshold,
-            "prompt_lookup_num_tokens": call_setting(settings, kwargs, "prompt_lookup_num_tokens"),
+            "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
             "max_matching_ngram_size": call_setting(settings, kwargs, "max_matching_ngram_size"),
         }
         # Not Transformers' assisted loop: ours, which stops exactly where plain decoding stops (see its module).
@@ -556,7 +568,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         This machine's `Calibration` for this model (kernel choices, verification and draft-step costs): measured on
         first use, then read from the cache (`calibration.py`). None with `HF_FASTMTP_CALIBRATION=off`.
         """
-        key = json.dumps(calibration_key(self), sort_keys=True)
+        key = json.dumps([calibration_enabled(), calibration_key(self)], sort_keys=True)
         if remeasure or key not in self._calibrations:
             self._calibrations[key] = load_or_calibrate(self, remeasure=remeasure)
         return self._calibrations[key]
@@ -571,7 +583,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         if calibration is None:
             return FixedDraftLength(self.config.num_draft_tokens)
         return AutoDraftLength(
-            calibration.verify_seconds, calibration.draft_step_seconds, self.config.draft_acceptance
+            calibration.forward_seconds, calibration.draft_step_seconds, self.config.draft_acceptance
         )
 
 
