@@ -40,7 +40,8 @@ class FastMTPConfig(PretrainedConfig):
         base_model_revision (`str`, *optional*):
             Revision of the base model the head was trained against.
         num_draft_tokens (`int`, *optional*, defaults to 3):
-            Default number of tokens drafted per cycle (K): the head is applied recursively K times.
+            The K the head was trained to draft recursively; `generate` drafts it when K is fixed by nobody else and
+            calibration is off (its own default, `"auto"`, chooses K per cycle).
         draft_vocab_maps (`dict[str, str]`, *optional*):
             Language code -> file (in the head folder) holding a 1-D tensor of the token ids drafting is restricted
             to for prompts in that language.

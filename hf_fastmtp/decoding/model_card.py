@@ -38,7 +38,8 @@ def model_card(config: PretrainedConfig, extra: dict[str, Any] | None = None) ->
         f"# FastMTP head for {base or 'its base model'}",
         (
             "A [FastMTP](https://arxiv.org/abs/2509.18362) multi-token-prediction head: one decoder layer that drafts "
-            f"{config.num_draft_tokens} tokens per step for {base_text if base else 'its base model'}, which verifies "
+            f"tokens recursively (trained for {config.num_draft_tokens} per cycle) for "
+            f"{base_text if base else 'its base model'}, which verifies "
             "them in one forward pass. The output is exactly the base model's (greedy: token for token; sampling: "
             "the same distribution), only faster. This repo holds only the head; loading it loads the base model too."
         ),
