@@ -491,7 +491,7 @@ def build_demo(model: FastMTPForCausalLM, tokenizer: PreTrainedTokenizerBase) ->
                     elem_id="max-new-tokens",
                 )
                 k = gr.Dropdown(
-                    ["auto", *map(str, range(1, MAX_K + 1))],
+                    ["auto", *range(1, MAX_K + 1)],
                     value="auto",
                     label="K: drafts per cycle",
                     info="auto: chosen every cycle from this machine's measured costs and the head's acceptance.",

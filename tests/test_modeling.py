@@ -155,7 +155,7 @@ def test_head_without_a_base_name(tmp_path):
         FastMTPForCausalLM.from_pretrained(tmp_path / "head")
 
 
-@pytest.mark.parametrize("num_draft_tokens", [0, -1, MAX_DRAFT_TOKENS + 1, 2.5, True])
+@pytest.mark.parametrize("num_draft_tokens", [-1, MAX_DRAFT_TOKENS + 1, 2.5, True, 0.0, False, "3"])
 def test_bad_num_draft_tokens(num_draft_tokens):
     model = tiny_fastmtp("llama")
     with pytest.raises(ValueError, match="num_draft_tokens"):

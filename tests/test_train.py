@@ -21,6 +21,7 @@ import hf_fastmtp.training.objective as objective_module
 import hf_fastmtp.training.train as train_module
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPForCausalLM
 from hf_fastmtp.cli.train import register_cli
+from hf_fastmtp.decoding.draft_length import FixedDraftLength
 from hf_fastmtp.prompts import encode_chat
 from hf_fastmtp.training import TrainError
 from hf_fastmtp.training.data import Example, load_reference_examples
@@ -180,7 +181,7 @@ def test_training_recursion_equals_drafting(architecture):
         )
 
     generator = FastMTPCandidateGenerator(
-        model, NUM_DRAFT_TOKENS, GenerationConfig(max_length=length, do_sample=False)
+        model, FixedDraftLength(NUM_DRAFT_TOKENS), GenerationConfig(max_length=length, do_sample=False)
     )
     drafted = []
 
