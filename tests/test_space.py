@@ -53,7 +53,9 @@ app = load_app()
 def tiny_model() -> tuple[FastMTPForCausalLM, PreTrainedTokenizerFast]:
     """A tiny Llama whose head starts from the base's last layer: with this seed, some drafts are accepted."""
     tokenizer = tiny_tokenizer(WORDS)
-    return FastMTPForCausalLM.from_base(tiny_base("llama", vocab_size=len(tokenizer), seed=1)), tokenizer
+    model = FastMTPForCausalLM.from_base(tiny_base("llama", vocab_size=len(tokenizer), seed=1))
+    model.generation_config.num_draft_tokens = 3  # (as conftest's tiny models: "auto" would draft little here)
+    return model, tokenizer
 
 
 @pytest.fixture(scope="module")
