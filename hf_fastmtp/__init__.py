@@ -1,9 +1,10 @@
 """hf_fastmtp: FastMTP speculative decoding (arXiv 2509.18362) as a drop-in for Hugging Face Transformers."""
 
-from .decoding.candidate_generator import FastMTPCandidateGenerator, FastMTPStats
+from .decoding.candidate_generator import FastMTPCandidateGenerator
 from .decoding.configuration_fastmtp import FastMTPConfig
 from .decoding.modeling_fastmtp import FastMTPForCausalLM, HeadMismatchError
 from .decoding.mtp_head import FastMTPHead
+from .decoding.stats import FastMTPStats
 
 __version__ = "0.1.0"
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .decoding.atomic_files import replaced_atomically
 from .decoding.calibration import cache_dir
 from .decoding.modeling_fastmtp import FastMTPForCausalLM
 
@@ -62,15 +61,9 @@ def _dequantize_to(target: Path) -> None:
     model.config.name_or_path = DEFAULT_BASE_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place, so an interrupted first load never leaves half a cache.
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with replaced_atomically(target, folder=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_base(

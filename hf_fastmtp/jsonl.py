@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .decoding.atomic_files import replaced_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,22 +69,40 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     Appends whole lines with one write, then fsyncs: an interrupt can leave only a torn last line, which the next
     reader cuts off, never half a row in the middle of a file.
     """
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    data = _lines(rows).encode("utf-8")
     with open(path, "ab") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict:
+    """A JSON file such as `write_json` writes; `error` names it when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as decode_error:
+        raise error(f"{path} is not valid JSON ({decode_error}).") from None
+
+
+def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Replaces a log's rows at once (the file is always whole), as `append_rows` writes them."""
+    _write_whole(path, _lines(rows))
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Written beside the target and renamed over it, so that the file is always whole."""
-    path = Path(path)
-    staging = path.with_name(path.name + ".tmp")
-    with open(staging, "w", encoding="utf-8") as file:
-        file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    _write_whole(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_whole(path: str | os.PathLike, text: str) -> None:
+    with replaced_atomically(path) as staging, open(staging, "w", encoding="utf-8") as file:
+        file.write(text)
         file.flush()
         os.fsync(file.fileno())
-    os.replace(staging, path)
+
+
+def _lines(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _parse_line(line: bytes, required: Sequence[str]) -> dict | None:

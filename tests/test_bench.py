@@ -21,7 +21,7 @@ from hf_fastmtp.cli import bench as bench_cli
 from hf_fastmtp.cli import build_parser
 from hf_fastmtp.cli.args import load_model, lookup_kwargs, resolve_confidence_threshold, resolve_device
 from hf_fastmtp.cli.bench import register_cli
-from hf_fastmtp.decoding.candidate_generator import FastMTPStats
+from hf_fastmtp.decoding.stats import FastMTPStats
 
 torch.set_num_threads(1)  # a light load on shared cores
 
@@ -555,3 +555,34 @@ def test_a_mode_the_model_cannot_run_fails_before_any_record(tiny, tmp_path):
     with pytest.raises(BenchError, match="fastmtp-k1-no-such-vocab cannot run"):
         run_bench(model, tokenizer, output, questions=questions, **{**RUN, "draft_vocabs": ["no-such-vocab"]})
     assert not (output / "records.jsonl").exists()
+
+
+def test_throughput_by_batch_size_through_the_cli(tiny, tmp_path, capsys):
+    """`fastmtp bench --batch-size`: both modes per batch, lossless batch for batch, tables and plot; resumable."""
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "head")
+    model.model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    questions = write_questions(tmp_path / "q.jsonl", per_category=2)  # 4 prompts of different lengths
+    output = tmp_path / "throughput"
+    argv = ["bench", "--output", str(output), "--questions", str(questions), "--max-new-tokens", "10"]
+    argv += ["--base", str(tmp_path / "base"), "--head", str(tmp_path / "head"), "--k", "2", "--batch-size", "1", "4"]
+    args = parser.parse_args(argv)
+    args.func(args)
+
+    records = [json.loads(line) for line in (output / "throughput.jsonl").read_text().splitlines()]
+    assert sorted((r["batch_size"], r["batch"], r["mode"]) for r in records) == sorted(
+        [(1, b, mode) for b in range(4) for mode in ("plain", "fastmtp")] + [(4, 0, "plain"), (4, 0, "fastmtp")]
+    )
+    assert all(len(r["sequences"]) == r["batch_size"] and r["seconds"] > 0 for r in records)
+    results = json.loads((output / "throughput.json").read_text())
+    assert set(results["by_batch_size"]) == {"1", "4"}
+    for row in results["by_batch_size"].values():
+        assert row["identical_batches"] == row["batches"] and row["tau"] >= 1
+        assert row["tokens_per_second"]["plain"] > 0 and row["tokens_per_second"]["fastmtp"] > 0
+    assert (output / "throughput.png").stat().st_size > 0
+    assert "| batch size | batches | plain tok/s | FastMTP tok/s |" in capsys.readouterr().out
+    args.func(args)  # a rerun resumes: nothing is run again
+    assert len((output / "throughput.jsonl").read_text().splitlines()) == len(records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -413,7 +414,7 @@ def test_calibration_off_generates_with_transformers_kernels_and_a_fixed_k(cache
     input_ids = torch.tensor([[5, 9, 2, 7, 5]])
     plain = greedy(model, input_ids)
     assert torch.equal(greedy(model, input_ids, fastmtp=True, num_draft_tokens="auto"), plain)
-    assert model.last_fastmtp_stats.num_draft_tokens == model.config.num_draft_tokens  # "auto" without costs
+    assert model.last_fastmtp_stats.max_draft_tokens == model.config.num_draft_tokens  # "auto" without costs
     assert wrapped == [False]
     assert not cache.exists()
 
@@ -431,7 +432,7 @@ def test_a_bad_calibration_setting_is_refused(cache, monkeypatch):
 
 
 def stats_with(cycles: int, drafted: int, accepted: int, max_draft_tokens: int = CALIBRATED_ROWS - 1):
-    stats = FastMTPStats(num_draft_tokens=max_draft_tokens)
+    stats = FastMTPStats(max_draft_tokens=max_draft_tokens)
     for _ in range(cycles):
         stats.record_cycle(drafted, accepted)
     return stats
@@ -468,11 +469,28 @@ def test_auto_follows_the_acceptance_of_the_call():
     assert FixedDraftLength(4)(rejected) == 4 and FixedDraftLength(4).max_draft_tokens == 4
 
 
+def test_auto_costs_verification_as_this_call_measures_it():
+    policy = AutoDraftLength([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 0.01, [0.5])
+    assert policy.verification_cost(2) == 2.0  # the calibration's, before the call has measured anything
+    policy.observe(4, 8.0)
+    assert policy.verification_cost(4) == 8.0  # this call's own
+    assert policy.verification_cost(2) == pytest.approx(4.0)  # the calibration's, scaled as measured nearest (x2)
+    policy.observe(2, 3.0)
+    policy.observe(2, 5.0)
+    assert policy.verification_cost(2) == pytest.approx(4.0)  # the mean of the cycles measured
+    assert policy.verification_cost(1) == pytest.approx(2.0)  # nearest measured: 2 positions
+
+
 def test_auto_drafts_again_after_a_run_of_plain_steps():
-    policy = AutoDraftLength([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 0.05, [0.1])
+    # A head this poor never pays here, but one that drafted right would (each extra token costs a tenth of a forward).
+    policy = AutoDraftLength([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7], 0.01, [0.1])
     chosen = [policy(stats_with(0, 0, 0)) for _ in range(2 * (draft_length.PROBE_AFTER + 1))]
     probe = [0] * draft_length.PROBE_AFTER + [1]
     assert chosen == probe + probe  # plain steps teach it nothing: every so often one draft finds out
+    # Where a probe costs more (half a forward more, plus its draft step), it comes within the probe budget.
+    costly = AutoDraftLength([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5], 0.05, [0.1])
+    chosen = [costly(stats_with(0, 0, 0)) for _ in range(40)]
+    assert chosen.index(1) == math.ceil((1.5 + 0.05 - 1.0) / draft_length.PROBE_BUDGET) == 28
 
 
 def test_auto_costs_draft_steps_as_this_call_measures_them():
@@ -558,14 +576,27 @@ def test_a_model_without_grouped_query_attention_calibrates_and_generates(cache)
     assert torch.equal(greedy(model, input_ids, fastmtp=True, num_draft_tokens=2), greedy(model, input_ids))
 
 
+def test_auto_draft_length_falls_back_to_plain_steps_where_a_batch_is_compute_bound():
+    # Memory-bound up to 4 positions (nearly flat), then each position costs as much as a whole one-token forward.
+    policy = AutoDraftLength([1.0, 1.05, 1.1, 1.15, 2.15, 3.15, 4.15, 5.15], 0.01, [0.7])
+    stats = FastMTPStats(max_draft_tokens=7)
+    assert policy(stats, batch_size=1) >= 2  # drafts are nearly free
+    assert policy.verification_cost(16) == pytest.approx(5.15 + 8 * (5.15 - 1.15) / 4)  # extended linearly
+    assert policy(stats, batch_size=8) == 0  # 8 rows x (K + 1) positions: every draft is paid for in full
+    assert 0 < policy(stats, batch_size=2) < policy(stats, batch_size=1)
+    # Where even perfect acceptance could not pay, plain steps never probe.
+    assert not policy.drafting_can_pay(0.01, batch_size=8) and policy.drafting_can_pay(0.01, batch_size=2)
+    assert all(policy(stats, batch_size=8) == 0 for _ in range(100))
+
+
 def test_sampling_distribution_is_preserved_with_auto_draft_length(monkeypatch):
     # Verification costs that make K follow the acceptance: 2 at the prior 0.5, fewer or more as cycles go.
     use_kernels(monkeypatch, "weight_first", "float16", forward_seconds=[1.0, 1.3, 1.5, 1.8, 2.2, 2.6, 3.0, 3.4])
     chosen = Counter()
     choose = draft_length.AutoDraftLength.__call__
 
-    def recording(self, stats: FastMTPStats) -> int:
-        k = choose(self, stats)
+    def recording(self, stats: FastMTPStats, batch_size: int = 1) -> int:
+        k = choose(self, stats, batch_size)
         chosen[k] += 1
         return k
 

@@ -145,7 +145,7 @@ def test_fastmtp_kwargs_never_reach_the_model():
     assert model.last_fastmtp_stats is None
     fast = greedy(model, input_ids, max_new_tokens=5, fastmtp=True, num_draft_tokens=2, draft_vocab="full")
     assert torch.equal(plain, fast)
-    assert model.last_fastmtp_stats.num_draft_tokens == 2
+    assert model.last_fastmtp_stats.max_draft_tokens == 2
 
 
 def test_generation_config_can_enable_fastmtp():
@@ -153,7 +153,7 @@ def test_generation_config_can_enable_fastmtp():
     model.generation_config.fastmtp = True
     model.generation_config.num_draft_tokens = 2
     greedy(model, prompt(4), max_new_tokens=6)
-    assert model.last_fastmtp_stats.num_draft_tokens == 2
+    assert model.last_fastmtp_stats.max_draft_tokens == 2
     model.generation_config.draft_confidence_threshold = 1.0
     greedy(model, prompt(4), max_new_tokens=6)
     assert sum(model.last_fastmtp_stats.drafted_per_position) == 0
@@ -572,7 +572,7 @@ def test_sampling_test_detects_a_biased_sampler(monkeypatch):
 
     def accept_all(drafts, draft_logits, processed):
         bonus = torch.multinomial(processed[0, -1].softmax(-1), 1)
-        return torch.cat([drafts, bonus[None]], dim=1)
+        return torch.cat([drafts, bonus[None]], dim=1), [drafts.shape[1] + 1]
 
     monkeypatch.setattr(speculative_decoding, "accept_speculative_sampling", accept_all)
     model = tiny_fastmtp("llama", vocab_size=6, sharpness=4.0)
@@ -586,7 +586,7 @@ def test_sampling_test_detects_a_biased_sampler(monkeypatch):
 
 
 def test_stats_arithmetic():
-    stats = FastMTPStats(num_draft_tokens=3)
+    stats = FastMTPStats(max_draft_tokens=3)
     stats.record_cycle(3, 3)
     stats.record_cycle(3, 1)
     stats.record_cycle(3, 0)
@@ -605,7 +605,7 @@ def test_stats_arithmetic():
 
 def test_stats_count_gated_cycles():
     """Cycles cut short by the confidence threshold: a plain step still costs a verification pass."""
-    stats = FastMTPStats(num_draft_tokens=3)
+    stats = FastMTPStats(max_draft_tokens=3)
     stats.record_cycle(0, 0)
     stats.record_cycle(1, 1)
     stats.record_cycle(2, 1)
@@ -614,7 +614,7 @@ def test_stats_count_gated_cycles():
     assert stats.drafted_per_position == [2, 1, 0]
     assert stats.reached_per_position == [2, 1, 0]
     assert stats.acceptance_conditional == pytest.approx([1.0, 0.0, 0.0])
-    assert FastMTPStats(num_draft_tokens=2).tau == 0.0
+    assert FastMTPStats(max_draft_tokens=2).tau == 0.0
 
 
 def test_stats_times_are_recorded():

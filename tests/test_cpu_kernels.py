@@ -296,7 +296,7 @@ def test_greedy_output_is_unchanged_under_every_kernel_setting(
     assert kernel in used and set(used) <= {kernel, "stock"}  # (beyond the calibrated row counts: stock)
     stats = model.last_fastmtp_stats
     assert stats.new_tokens == 24
-    assert stats.num_draft_tokens == (3 if num_draft_tokens == 3 else CALIBRATED_ROWS - 1)
+    assert stats.max_draft_tokens == (3 if num_draft_tokens == 3 else CALIBRATED_ROWS - 1)
     # With "auto", the costs `use_kernels` gives (flat, cheap drafts) have the first cycle draft 5 (at the prior
     # acceptance of 0.5), later ones fewer as this random head's drafts are rejected.
     assert stats.drafted_per_position[2] > 0 and (num_draft_tokens == 3 or stats.drafted_per_position[4] > 0)

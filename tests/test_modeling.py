@@ -169,14 +169,24 @@ def test_bad_draft_confidence_threshold(threshold):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, draft_confidence_threshold=threshold)
 
 
-def test_batch_is_refused_with_a_way_out():
+def test_prompt_lookup_with_a_batch_is_refused_with_a_way_out():
     model = tiny_fastmtp("llama")
-    with pytest.raises(ValueError, match="one sequence at a time.*fastmtp=False"):
-        model.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=3, fastmtp=True)
-    with pytest.raises(ValueError, match="one sequence at a time"):
-        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, fastmtp=True, do_sample=True, num_return_sequences=2)
-    # Plain batched generation is untouched.
-    assert model.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=3).shape == (2, 5)
+    batch = torch.tensor([[1, 2], [3, 4]])
+    with pytest.raises(ValueError, match="prompt lookup decodes one sequence at a time.*once per prompt"):
+        model.generate(batch, max_new_tokens=3, fastmtp=True, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="prompt lookup decodes one sequence at a time"):
+        model.generate(
+            batch[:1],
+            max_new_tokens=3,
+            fastmtp=True,
+            do_sample=True,
+            num_return_sequences=2,
+            prompt_lookup_num_tokens=3,
+        )
+    # Batches and several return sequences decode (tests/test_batch.py has the rest).
+    assert model.generate(batch, max_new_tokens=3, fastmtp=True).shape == (2, 5)
+    sampled = model.generate(batch[:1], max_new_tokens=3, fastmtp=True, do_sample=True, num_return_sequences=2)
+    assert sampled.shape == (2, 5) and len(model.last_fastmtp_stats.rows) == 2
 
 
 @pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])  # Transformers >= 5.24, and its former name

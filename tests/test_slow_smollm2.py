@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_core import CollectingStreamer
 
-from hf_fastmtp.prompts import encode_chat
+from hf_fastmtp.prompts import encode_chat, encode_chats
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,18 @@ def test_greedy_identical_on_spec_bench(smollm2):
         fast = model.generate(**inputs, max_new_tokens=128, do_sample=False, fastmtp=True)
         assert torch.equal(plain, fast), question[:80]
         assert model.last_fastmtp_stats.cycles > 0
+
+
+def test_batch_of_four_equals_plain_batched_greedy(smollm2):
+    """B = 4 Spec-Bench prompts of different lengths, left-padded: each row equals plain batched greedy decoding."""
+    model, tokenizer = smollm2
+    inputs = encode_chats(tokenizer, spec_bench_prompts(4))
+    assert len(set(inputs["attention_mask"].sum(-1).tolist())) > 1  # padding of different lengths
+    plain = model.generate(**inputs, max_new_tokens=96, do_sample=False)
+    fast = model.generate(**inputs, max_new_tokens=96, do_sample=False, fastmtp=True)
+    assert torch.equal(plain, fast)
+    stats = model.last_fastmtp_stats
+    assert len(stats.rows) == 4 and stats.tau > 1.2 and all(row.cycles > 0 for row in stats.rows)
 
 
 def test_greedy_identical_with_prompt_lookup_on_copying_prompts(smollm2):

@@ -6,6 +6,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import zip_longest
 
+from ..decoding.stats import FastMTPStats
+
 # The mode every other is measured against: plain greedy decoding as Transformers comes (stock generate, none of
 # this package's kernels), what a user starts from.
 REFERENCE = "ar-stock"
@@ -74,24 +76,34 @@ LOOKUP_COUNTS = ("lookup_cycles", "lookup_drafted", "lookup_accepted")
 
 
 def acceptance(stats: Sequence[dict]) -> dict:
-    """tau and per-position acceptance of several generate() calls, from their summed counts."""
-    cycles = sum(entry["cycles"] for entry in stats)
+    """
+    tau and per-position acceptance of several generate() calls: `FastMTPStats`' own rates over their summed counts.
+    A rate nothing measured (no cycle, no draft at that position) is None rather than `FastMTPStats`' 0.0.
+    """
     drafted = _summed_per_position(entry["drafted_per_position"] for entry in stats)
     reached = _summed_per_position(_reached_per_position(entry) for entry in stats)
-    head_steps = sum(entry.get("head_steps", sum(entry["drafted_per_position"])) for entry in stats)
     accepted = _summed_per_position(entry["accepted_per_position"] for entry in stats)
-    draft_seconds = sum(entry["draft_seconds"] for entry in stats)
-    vocab_sizes = [entry["draft_vocab_size"] for entry in stats if entry.get("draft_vocab_size") is not None]
     # Cycles that drafted by prompt lookup count in tau; the per-position acceptance is the head's own.
     lookup = {key: sum(entry.get(key, 0) for entry in stats) for key in LOOKUP_COUNTS}
+    summed = FastMTPStats(
+        max_draft_tokens=len(drafted),
+        cycles=sum(entry["cycles"] for entry in stats),
+        drafted_per_position=drafted,
+        accepted_per_position=accepted,
+        reached_per_position=reached,
+        **lookup,
+    )
+    head_steps = sum(entry.get("head_steps", sum(entry["drafted_per_position"])) for entry in stats)
+    draft_seconds = sum(entry["draft_seconds"] for entry in stats)
+    vocab_sizes = [entry["draft_vocab_size"] for entry in stats if entry.get("draft_vocab_size") is not None]
     return {
-        "cycles": cycles,
-        "tau": (sum(accepted) + lookup["lookup_accepted"] + cycles) / cycles if cycles else None,
+        "cycles": summed.cycles,
+        "tau": summed.tau if summed.cycles else None,
         **lookup,
         "drafted_per_position": drafted,
         "accepted_per_position": accepted,
-        "acceptance_cumulative": [a / d if d else None for a, d in zip(accepted, drafted)],
-        "acceptance_conditional": [a / r if r else None for a, r in zip(accepted, reached)],
+        "acceptance_cumulative": _measured(summed.acceptance_cumulative, drafted),
+        "acceptance_conditional": _measured(summed.acceptance_conditional, reached),
         "draft_seconds": draft_seconds,
         # The cost of one head step, the part that vocabulary compression cuts; gated cycles also count the step
         # whose draft they dropped.
@@ -100,6 +112,10 @@ def acceptance(stats: Sequence[dict]) -> dict:
         "mean_draft_vocab_size": sum(vocab_sizes) / len(vocab_sizes) if vocab_sizes else None,
         "languages": dict(Counter(entry.get("language") or "unknown" for entry in stats)),
     }
+
+
+def _measured(rates: Sequence[float], counts: Sequence[int]) -> list[float | None]:
+    return [rate if count else None for rate, count in zip(rates, counts)]
 
 
 def _summed_per_position(counts: Iterable[list[int]]) -> list[int]:

@@ -19,7 +19,6 @@ The metric arithmetic (`aggregate`) is a pure function of the records, separate 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -36,11 +35,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..decoding.calibration import machine_name
-from ..decoding.candidate_generator import FastMTPStats
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
+from ..decoding.stats import FastMTPStats
 from ..jsonl import append_rows, iter_json_lines, read_rows, write_json
 from ..prompts import encode_chat
-from ..run_settings import changed_settings
+from ..run_settings import open_run_folder
 from .metrics import REFERENCE, BenchError, aggregate
 from .report import write_reports
 
@@ -464,29 +463,19 @@ def kernels_summary(model: FastMTPForCausalLM) -> str:
 def _open_output(folder: Path, identity: dict, run: dict) -> None:
     """Records this run in settings.json; refuses a folder whose records were made with another model or settings."""
     path = folder / SETTINGS_NAME
-    if path.exists():
-        try:
-            settings = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise BenchError(f"{path} is not valid JSON ({error}).") from None
-        changed = changed_settings(settings, identity, IDENTITY_KEYS)
-        assistants = {entry["assistant"] for entry in settings["runs"]} | {run["assistant"]}
-        if len(assistants - {None}) > 1:
-            changed.append(f"assistant {sorted(assistants - {None})}")
-        if changed:
-            raise BenchError(
-                f"{folder} holds records made with other settings ({'; '.join(changed)}). Their timings and outputs "
-                "are not comparable with this run's: use another --output folder, or the settings it was made with."
-            )
-    elif (folder / RECORDS_NAME).exists():
+    if not path.exists() and (folder / RECORDS_NAME).exists():
         raise BenchError(
             f"{folder} has {RECORDS_NAME} but no {SETTINGS_NAME}; refusing to mix in records of unknown origin."
         )
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        settings = {**identity, "runs": []}
-    if run not in settings["runs"]:
-        settings["runs"].append(run)
+    settings, changed = open_run_folder(path, identity, run, IDENTITY_KEYS, BenchError)
+    assistants = {entry["assistant"] for entry in settings["runs"]} - {None}
+    if len(assistants) > 1:
+        changed.append(f"assistant {sorted(assistants)}")
+    if changed:
+        raise BenchError(
+            f"{folder} holds records made with other settings ({'; '.join(changed)}). Their timings and outputs "
+            "are not comparable with this run's: use another --output folder, or the settings it was made with."
+        )
     write_json(path, settings)
 
 

@@ -17,7 +17,16 @@ from ..bench.report import (
     summary_table,
     write_comparison,
 )
-from ..bench.run import DEFAULT_METHODS, DEFAULT_QUESTIONS, METHODS, check_options, run_bench
+from ..bench.run import (
+    DEFAULT_METHODS,
+    DEFAULT_QUESTIONS,
+    METHODS,
+    check_options,
+    hardware_info,
+    load_questions,
+    run_bench,
+)
+from ..bench.throughput import render_throughput, run_throughput
 from ..embedded import DEFAULT_BASE_NAME
 from ..training.distill import DistillError, selected_prompt_ids
 from .args import (
@@ -121,6 +130,14 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--assistant", metavar="PATH_OR_ID", help="draft model folder or Hub id for assisted decoding")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="per prompt (default: 128)")
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        metavar="B",
+        help="instead of the modes: throughput by batch size, plain batched decoding in stock Transformers against "
+        "batched FastMTP (the first --k), over the selected prompts cut into batches of B (throughput.md, .png)",
+    )
+    parser.add_argument(
         "--base", metavar="PATH_OR_ID", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)"
     )
     parser.add_argument(
@@ -176,6 +193,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                     "current directory): pass --questions PATH."
                 )
         exclude_ids = held_out_exclusions(args.held_out_from) if args.held_out_from else set()
+        if args.batch_size:
+            return cmd_throughput(args, exclude_ids)
         model, tokenizer = load_model(args)
         assistant_model, assistant_tokenizer = (
             _load_assistant(args.assistant, model) if "assisted" in methods else (None, None)
@@ -203,6 +222,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"fastmtp bench: error: {error}") from None
     print(summary_table(results))
     print(f"\n{lossless_line(results)}\nFull results: {Path(args.output) / RESULTS_MD_NAME}")
+
+
+def cmd_throughput(args: argparse.Namespace, exclude_ids: set[str]) -> None:
+    """`fastmtp bench --batch-size ...`: the throughput sweep (`bench/throughput.py`)."""
+    prompts = [
+        question["prompt"]
+        for question in load_questions(
+            args.questions, args.per_category, categories=args.categories, exclude_ids=exclude_ids
+        )
+    ]
+    model, tokenizer = load_model(args)
+    results = run_throughput(
+        model,
+        tokenizer,
+        args.output,
+        prompts,
+        args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_draft_tokens=(args.k or ["auto"])[0],
+        hardware=hardware_info(model),
+    )
+    print(render_throughput(results))
+    print(f"Written to {args.output}: throughput.md, throughput.png, throughput.json")
 
 
 def held_out_exclusions(distilled: str | os.PathLike) -> set[str]:

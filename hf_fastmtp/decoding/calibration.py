@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +36,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.utils import is_torch_greater_or_equal
 from transformers.utils.logging import tqdm
 
+from .atomic_files import replaced_atomically
 from .cpu_kernels import (
     LINEAR_KERNELS,
     CPUKernels,
@@ -217,13 +217,8 @@ def load_or_calibrate(model: FastMTPForCausalLM, remeasure: bool = False) -> Cal
 def save_calibration(calibration: Calibration, path: Path) -> None:
     """Written beside the target and renamed over it, so that a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as staging:
-        staging.write(calibration.to_json())
-    try:
-        os.replace(staging.name, path)
-    except OSError:
-        os.unlink(staging.name)
-        raise
+    with replaced_atomically(path) as staging:
+        staging.write_text(calibration.to_json())
 
 
 def calibrate(

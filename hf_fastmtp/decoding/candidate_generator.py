@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 
+from .stats import FastMTPStats
 from .transformers_compat import eos_token_ids
 
 if TYPE_CHECKING:
@@ -19,88 +19,7 @@ if TYPE_CHECKING:
     from .draft_length import AutoDraftLength, FixedDraftLength
     from .draft_vocab import DraftVocabulary
     from .modeling_fastmtp import FastMTPForCausalLM
-
-
-@dataclass
-class FastMTPStats:
-    """What happened during one `generate(fastmtp=True)` call."""
-
-    num_draft_tokens: int  # the most drafts a cycle may take (with "auto", the most it may choose)
-    cycles: int = 0
-    drafted_per_position: list[int] = field(default_factory=list)
-    accepted_per_position: list[int] = field(default_factory=list)
-    reached_per_position: list[int] = field(default_factory=list)
-    new_tokens: int = 0
-    head_steps: int = 0
-    prefill_seconds: float = 0.0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    language: str | None = None
-    draft_vocab_size: int | None = None
-    lookup_cycles: int = 0
-    lookup_drafted: int = 0
-    lookup_accepted: int = 0
-
-    def __post_init__(self):
-        if not self.drafted_per_position:
-            self.drafted_per_position = [0] * self.num_draft_tokens
-            self.accepted_per_position = [0] * self.num_draft_tokens
-            self.reached_per_position = [0] * self.num_draft_tokens
-
-    def record_cycle(self, num_drafted: int, num_accepted: int, from_lookup: bool = False) -> None:
-        """One verification pass; a pass with no drafts (nothing confident enough) is a plain decoding step."""
-        self.cycles += 1
-        if from_lookup:  # prompt-lookup drafts are counted apart: they may be longer than K
-            self.lookup_cycles += 1
-            self.lookup_drafted += num_drafted
-            self.lookup_accepted += num_accepted
-            return
-        for position in range(num_drafted):
-            self.drafted_per_position[position] += 1
-            # Draft k is only judged when drafts 1..k-1 were all accepted.
-            self.reached_per_position[position] += position <= num_accepted
-            self.accepted_per_position[position] += position < num_accepted
-
-    @property
-    def accepted_tokens(self) -> int:
-        return sum(self.accepted_per_position) + self.lookup_accepted
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens produced per verification pass: accepted drafts plus the base model's own token."""
-        return (self.accepted_tokens + self.cycles) / self.cycles if self.cycles else 0.0
-
-    @property
-    def acceptance_cumulative(self) -> list[float]:
-        """P(drafts 1..k all accepted), per position k, over the cycles that drafted position k."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
-
-    @property
-    def acceptance_conditional(self) -> list[float]:
-        """P(draft k accepted | drafts 1..k-1 accepted), per position k."""
-        return [a / r if r else 0.0 for a, r in zip(self.accepted_per_position, self.reached_per_position)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "num_draft_tokens": self.num_draft_tokens,
-            "cycles": self.cycles,
-            "new_tokens": self.new_tokens,
-            "head_steps": self.head_steps,
-            "tau": self.tau,
-            "drafted_per_position": list(self.drafted_per_position),
-            "accepted_per_position": list(self.accepted_per_position),
-            "reached_per_position": list(self.reached_per_position),
-            "acceptance_cumulative": self.acceptance_cumulative,
-            "acceptance_conditional": self.acceptance_conditional,
-            "prefill_seconds": self.prefill_seconds,
-            "draft_seconds": self.draft_seconds,
-            "verify_seconds": self.verify_seconds,
-            "language": self.language,
-            "draft_vocab_size": self.draft_vocab_size,
-            "lookup_cycles": self.lookup_cycles,
-            "lookup_drafted": self.lookup_drafted,
-            "lookup_accepted": self.lookup_accepted,
-        }
+    from .speculative_decoding import RowAlignment
 
 
 class FastMTPCandidateGenerator(CandidateGenerator):
@@ -159,13 +78,17 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self.logits_processor = logits_processor if logits_processor else None
         self.draft_vocabulary = draft_vocabulary
         self.confidence_threshold = confidence_threshold or 0.0
-        self.head_cache = DynamicCache(config=model.head_config)
-        # Sliding-window layers (Mistral) must keep their past until the speculative entries are cropped.
-        self.head_cache.activate_past_recording()
+        # In the base cache's slots: pair j, (h_j, t_{j+1}), sits where the base cache holds token j (made on first
+        # use, when the batch size is known).
+        self.head_cache: DynamicCache | None = None
         self.head_cache_verified_length = 0
         self.head_cache_speculative_length = 0
         # The base's last hidden states of the positions verified since the head last drafted (see step 1).
         self.pending_hidden_states: list[torch.Tensor] = []
+        # After `catch_up`: the head's output at each row's last pair and its position (the next first draft's input),
+        # and whether the next call's verified positions are in the head's cache already.
+        self.caught_up: tuple[torch.Tensor, torch.LongTensor] | None = None
+        self._pairs_taken = False
         self.prompt_lookup = None
         if prompt_lookup_num_tokens:
             self.prompt_lookup = PromptLookupCandidateGenerator(
@@ -178,10 +101,11 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             )
         self.prompt_lookup_num_tokens = prompt_lookup_num_tokens or 0
         self.stats = FastMTPStats(
-            num_draft_tokens=draft_length.max_draft_tokens,
+            max_draft_tokens=draft_length.max_draft_tokens,
             language=language,
             draft_vocab_size=model.vocab_size if draft_vocabulary is None else draft_vocabulary.size,
         )
+        self.active_rows: list[int] = []  # the prompts the batch's rows decode (for the per-row stats)
         self._num_drafted = 0
         self._drafted_by_lookup = False
         self._awaiting_prefill = True
@@ -200,33 +124,53 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         model_outputs: ModelOutput | None = None,
         is_first_iteration: bool = False,
         n_last_matches: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        cur_len: int | None = None,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        """`input_ids` and up to K drafts after them; when sampling, also the distributions they were drawn from."""
+        """
+        `input_ids` and up to K drafts after each row; when sampling, also the distributions they were drawn from.
+        A batch's rows are right-aligned (left padding, masked by `attention_mask`); `cur_len` is the longest row's
+        own length (without padding added by re-alignment), which `max_length` limits.
+        """
         self._num_drafted, self._drafted_by_lookup = 0, False
         if is_first_iteration:  # (the first call precedes the prefill, whose hidden states it needs)
             self._clock = time.perf_counter()
+            self.active_rows = list(range(input_ids.shape[0]))
+            if input_ids.shape[0] > 1:
+                self.stats.rows = [self.stats.empty_copy() for _ in self.active_rows]
             return input_ids, None
         start = self._synchronized_time()
-        # After the prefill every prompt position is new; afterwards, the accepted drafts plus the verified token.
+        if self.head_cache is None:
+            self.head_cache = new_head_cache(self.model.head_config, input_ids.shape[0])
+        # After the prefill every prompt position is new; afterwards, the accepted drafts plus the verified token
+        # (unless `catch_up` took them already).
         num_verified = (
             None if self.head_cache_verified_length == 0 and not self.pending_hidden_states else n_last_matches + 1
         )
-        if self.draft_length.max_draft_tokens:  # (K fixed at 0 never drafts: nothing to keep)
+        if self.draft_length.max_draft_tokens and not self._pairs_taken:  # (K fixed at 0 never drafts)
             self.pending_hidden_states.append(model_outputs.hidden_states[-1][:, :num_verified])
-        max_drafts = min(self.draft_length(self.stats), self.max_length - input_ids.shape[1] - 1)
+        self._pairs_taken = False
+        room = self.max_length - (cur_len or input_ids.shape[1]) - 1
+        max_drafts = min(self.draft_length(self.stats, input_ids.shape[0]), room)
         if max_drafts <= 0:
             self._clock = self._synchronized_time()
             return input_ids, None
 
-        head_output, position_ids = self._extend_head_cache(input_ids)
-        candidate_ids, draft_logits = self._draft(input_ids, head_output, position_ids, max_drafts)
+        if self.pending_hidden_states:
+            head_output, position_ids = self._extend_head_cache(input_ids, attention_mask)
+        else:
+            head_output, position_ids = self.caught_up
+        self.caught_up = None
+        candidate_ids, draft_logits = self._draft(input_ids, attention_mask, head_output, position_ids, max_drafts)
         self._num_drafted = candidate_ids.shape[1] - input_ids.shape[1]
         self._clock = self._synchronized_time()
         self.stats.draft_seconds += self._clock - start
         return candidate_ids, draft_logits
 
-    def _extend_head_cache(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
+    def _extend_head_cache(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
         """
         Drops the head's speculative entries of the last cycle that drafted and adds the pairs (h_j, t_{j+1}) of every
         position verified since, in one forward. Returns the head's output at the last of them and its position.
@@ -235,19 +179,71 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         hidden_states = torch.cat(self.pending_hidden_states, dim=1)
         self.pending_hidden_states = []
         num_new = hidden_states.shape[1]
-        # Pair j holds (h_j, t_{j+1}) at position j: the last hidden state belongs to position cur_len - 2.
-        position_ids = torch.arange(cur_len - 1 - num_new, cur_len - 1, device=input_ids.device).unsqueeze(0)
-        if self.head_cache_verified_length:  # (an empty sliding-window layer cannot be cropped)
-            self.head_cache.crop(-self.head_cache_speculative_length)
+        # Pair j holds (h_j, t_{j+1}) at token j's slot and position: the last pair is at slot cur_len - 2.
+        head_mask = None if attention_mask is None else attention_mask[:, : cur_len - 1]
+        position_ids = positions_of(head_mask, cur_len - 1 - num_new, num_new, input_ids.device)
+        self._crop_speculative_entries()
         head_output = self.model.mtp_forward(
-            hidden_states, input_ids[:, cur_len - num_new :], position_ids, self.head_cache
+            hidden_states, input_ids[:, cur_len - num_new :], position_ids, self.head_cache, attention_mask=head_mask
         )[:, -1:]
         self.head_cache_verified_length += num_new
-        self.head_cache_speculative_length = 0
         return head_output, position_ids[:, -1:]
 
+    def _crop_speculative_entries(self) -> None:
+        if self.head_cache_verified_length:  # (an empty sliding-window layer cannot be cropped)
+            self.head_cache.crop(-self.head_cache_speculative_length)
+        self.head_cache_speculative_length = 0
+
+    def catch_up(
+        self,
+        hidden_states: torch.Tensor,
+        tokens: torch.LongTensor,
+        slot_mask: torch.Tensor,
+        alignment: RowAlignment,
+    ) -> None:
+        """
+        Before a batch's rows move (`RowAlignment`), adds this cycle's pairs to the head's cache as they stand: row b's
+        first `num_kept[b]` of the verified positions, paired with its kept tokens (the rest masked; they fall off when
+        the rows move). Keeps the head's output at each row's last pair for the next cycle's first draft.
+        """
+        self._crop_speculative_entries()
+        width = tokens.shape[1]
+        # (A finished row may have kept more than `width`: it leaves the batch, whatever it holds.)
+        num_kept = torch.tensor(alignment.num_kept, device=tokens.device).clamp(max=width)
+        new_mask = (torch.arange(width, device=tokens.device) < num_kept[:, None]).to(slot_mask.dtype)
+        head_mask = torch.cat([slot_mask[:, :-1], new_mask], dim=-1)
+        # The row's last token (the last slot before this cycle) is its pair 0's token position.
+        position_ids = slot_mask.long().sum(-1, keepdim=True) - 1 + torch.arange(width, device=tokens.device)
+        head_output = self.model.mtp_forward(
+            hidden_states, tokens, position_ids, self.head_cache, attention_mask=head_mask
+        )
+        self.head_cache_verified_length += width
+        self._pairs_taken = True
+        last = (num_kept - 1)[:, None]
+        self.caught_up = (
+            head_output.gather(1, last[..., None].expand(-1, -1, head_output.shape[-1])),
+            position_ids.gather(1, last),
+        )
+
+    def select_rows(self, alignment: RowAlignment) -> None:
+        """Follows the loop's rows after a cycle: finished ones leave, moved ones move (`RowAlignment`)."""
+        if alignment.all_survive and not alignment.ragged:
+            return
+        if self.head_cache is not None:
+            alignment.apply_to(self.head_cache)
+        self.pending_hidden_states = [alignment.select(hidden) for hidden in self.pending_hidden_states]
+        if self.caught_up is not None:
+            survivors = alignment.survivors.to(self.caught_up[0].device)
+            self.caught_up = (self.caught_up[0][survivors], self.caught_up[1][survivors])
+        self.active_rows = [self.active_rows[row] for row in alignment.survivors.tolist()]
+
     def _draft(
-        self, input_ids: torch.LongTensor, head_output: torch.Tensor, position_ids: torch.LongTensor, max_drafts: int
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        head_output: torch.Tensor,
+        position_ids: torch.LongTensor,
+        max_drafts: int,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         """
         Step k drafts from the head's output; step k+1 feeds the head that output and the draft (the recursion),
@@ -258,7 +254,10 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         for step in range(max_drafts):
             if step > 0:
                 position_ids = position_ids + 1
-                head_output = self.model.mtp_forward(head_output, candidate_ids[:, -1:], position_ids, self.head_cache)
+                head_mask = None if attention_mask is None else extended(attention_mask[:, :-1], step)
+                head_output = self.model.mtp_forward(
+                    head_output, candidate_ids[:, -1:], position_ids, self.head_cache, attention_mask=head_mask
+                )
                 self.head_cache_speculative_length = step
             next_token, logits, confidence = self._select_draft(candidate_ids, head_output[:, -1])
             self.stats.head_steps += 1
@@ -322,14 +321,28 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         full = logits.new_full((logits.shape[0], self.model.vocab_size), float("-inf"))
         return full.index_copy_(1, self.draft_vocabulary.token_ids, logits)
 
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+    def update_candidate_strategy(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int | list[int]
+    ) -> None:
+        """Records the cycle: `num_matches` is the drafts accepted, one count per row of the batch."""
         now = self._synchronized_time()
         if self._awaiting_prefill:
             self._awaiting_prefill = False
             self.stats.prefill_seconds += now - self._clock
-        else:
-            self.stats.verify_seconds += now - self._clock
-            self.stats.record_cycle(self._num_drafted, int(num_matches), from_lookup=self._drafted_by_lookup)
+            return
+        self.stats.verify_seconds += now - self._clock
+        self.draft_length.observe(len(self.active_rows or [0]) * (self._num_drafted + 1), now - self._clock)
+        num_matches = [num_matches] if isinstance(num_matches, int) else num_matches
+        for row, matches in zip(self.active_rows or [0], num_matches):
+            for stats in (self.stats, *self.stats.rows[row : row + 1]):
+                stats.record_cycle(self._num_drafted, int(matches), from_lookup=self._drafted_by_lookup)
+
+    def final_stats(self, new_tokens: list[int]) -> FastMTPStats:
+        """The call's stats, with each row's new tokens (and the row's own stats, for a batch)."""
+        self.stats.new_tokens = sum(new_tokens)
+        for row_stats, row_new_tokens in zip(self.stats.rows, new_tokens):
+            row_stats.new_tokens = row_new_tokens
+        return self.stats
 
     def _synchronized_time(self) -> float:
         # Draft and verify times are only meaningful on an accelerator if queued kernels have finished.
@@ -338,4 +351,30 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         return time.perf_counter()
 
 
-__all__ = ["FastMTPCandidateGenerator", "FastMTPStats"]
+def new_head_cache(head_config, batch_size: int) -> DynamicCache:
+    """
+    The head's KV cache: the head config's layer kinds for one row (sliding-window layers keep their past until the
+    speculative entries are cropped); for a batch, whose rows move, layers that keep every slot.
+    """
+    if batch_size > 1:
+        return DynamicCache()
+    cache = DynamicCache(config=head_config)
+    cache.activate_past_recording()
+    return cache
+
+
+def extended(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    return torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], num_new))], dim=-1)
+
+
+def positions_of(
+    attention_mask: torch.Tensor | None, past_length: int, num_new: int, device: torch.device
+) -> torch.LongTensor:
+    """The positions of the last `num_new` slots: after the cached ones, or counted over the mask's real tokens."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + num_new, device=device).unsqueeze(0)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)[:, -num_new:].to(device)
+
+
+__all__ = ["FastMTPCandidateGenerator"]

@@ -3,32 +3,39 @@ How many tokens to draft in each cycle: a fixed K, or `num_draft_tokens="auto"`,
 
 The auto policy chooses the K (0 = a plain decoding step) that maximises expected tokens per second:
 
-    rate(K) = (1 + sum_{i=1..K} prod_{j=1..i} a_j) / (V(K + 1) + K * D)
+    rate(K) = (1 + sum_{i=1..K} prod_{j=1..i} a_j) / (V(B * (K + 1)) + K * D)
 
-with V(n) the measured cost of a verification forward over n new tokens (this machine's `Calibration`), D that of a
+with V(n) the cost of a verification cycle over n new token positions (B is the number of rows a batch still
+decodes): this call's own mean where it has verified n positions, else this machine's `Calibration` (n = 1..8,
+extended linearly by its marginal cost beyond), scaled by what the call measured at the nearest n; D that of a
 draft step (the calibration's at first, then the mean of this call's own steps, which also reflects the draft
 vocabulary it drafts over), and a_j the head's acceptance of draft j given drafts 1..j-1 were accepted: the numerator
 is the expected tokens a cycle yields (the base's own token plus each draft, kept only if all before it were). a_j
 starts from the head's measured acceptance (`FastMTPConfig.draft_acceptance`, written by training) and follows the
 cycles of this call, as a running average that starts from that prior. Plain steps teach it nothing, so after
-`PROBE_AFTER` of them in a row one cycle drafts a token, to see whether the text has become easier to draft. The
+`PROBE_AFTER` of them in a row (more where a probe costs more, see `probe_due`) one cycle drafts a token, to see
+whether the text has become easier to draft, unless drafting could not pay even if every draft were accepted (a large
+batch, where verification is compute-bound). The
 choice reads only past cycles, never a draft, so speculative sampling stays exact.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .candidate_generator import FastMTPStats
+    from .stats import FastMTPStats
 
 # Acceptance assumed for a head that records none: about what a small, briefly trained head reaches.
 DEFAULT_ACCEPTANCE = 0.5
 # How many cycles the prior acceptance counts as, against those this call observed.
 PRIOR_CYCLES = 8
-# Plain steps in a row after which one cycle drafts a token again.
+# Plain steps in a row after which one cycle drafts a token again (at least; more where a probe costs more).
 PROBE_AFTER = 16
+# What probes may cost at most, as a share of the time of the plain steps between them.
+PROBE_BUDGET = 0.02
 # Head steps of this call after which their mean cost replaces the calibration's.
 OBSERVED_STEPS = 8
 
@@ -39,8 +46,11 @@ class FixedDraftLength:
     def __init__(self, num_draft_tokens: int):
         self.max_draft_tokens = num_draft_tokens
 
-    def __call__(self, stats: FastMTPStats) -> int:
+    def __call__(self, stats: FastMTPStats, batch_size: int = 1) -> int:
         return self.max_draft_tokens
+
+    def observe(self, num_positions: int, seconds: float) -> None:
+        """(A fixed K needs no costs.)"""
 
 
 class AutoDraftLength:
@@ -56,6 +66,13 @@ class AutoDraftLength:
         # Positions past the recorded ones are assumed as likely as the last recorded one.
         self.prior_acceptance = (prior + prior[-1:] * self.max_draft_tokens)[: self.max_draft_tokens]
         self.plain_steps_in_a_row = 0
+        # Verified positions per cycle -> (seconds, cycles) this call measured.
+        self.observed: dict[int, tuple[float, int]] = {}
+
+    def observe(self, num_positions: int, seconds: float) -> None:
+        """One verification cycle of this call: `num_positions` (rows x (K + 1)) took `seconds`."""
+        total, cycles = self.observed.get(num_positions, (0.0, 0))
+        self.observed[num_positions] = (total + seconds, cycles + 1)
 
     def acceptance(self, stats: FastMTPStats) -> list[float]:
         """a_j for j = 1..max K: the prior, moved by what this call's cycles accepted at each position."""
@@ -72,23 +89,63 @@ class AutoDraftLength:
             return self.draft_step_seconds
         return stats.draft_seconds / stats.head_steps
 
-    def expected_rates(self, acceptance: Sequence[float], draft_step_seconds: float) -> list[float]:
-        """rate(K) for K = 0..max K."""
+    def verification_cost(self, num_positions: int) -> float:
+        """V(n): this call's mean at n, else the calibration's, scaled by this call's measure at the nearest n."""
+        if num_positions in self.observed:
+            total, cycles = self.observed[num_positions]
+            return total / cycles
+        estimate = self.calibrated_cost(num_positions)
+        if self.observed:
+            nearest = min(self.observed, key=lambda n: abs(math.log(n / num_positions)))
+            total, cycles = self.observed[nearest]
+            estimate *= total / cycles / self.calibrated_cost(nearest)
+        return estimate
+
+    def calibrated_cost(self, num_positions: int) -> float:
+        """The calibration's V(n): measured up to its count, then growing by the marginal cost of its upper half."""
+        measured = len(self.forward_seconds)
+        if num_positions <= measured:
+            return self.forward_seconds[num_positions - 1]
+        half = measured // 2
+        marginal = max(0.0, (self.forward_seconds[-1] - self.forward_seconds[half - 1]) / (measured - half))
+        return self.forward_seconds[-1] + (num_positions - measured) * marginal
+
+    def expected_rates(
+        self, acceptance: Sequence[float], draft_step_seconds: float, batch_size: int = 1
+    ) -> list[float]:
+        """rate(K) for K = 0..max K, per row of a batch of `batch_size` (the batch verifies B * (K + 1) positions)."""
         rates, expected_tokens, all_accepted = [], 1.0, 1.0
         for k in range(self.max_draft_tokens + 1):
             if k:
                 all_accepted *= acceptance[k - 1]
                 expected_tokens += all_accepted
-            rates.append(expected_tokens / (self.forward_seconds[k] + k * draft_step_seconds))
+            cost = self.verification_cost(batch_size * (k + 1)) + k * draft_step_seconds
+            rates.append(expected_tokens / cost)
         return rates
 
-    def __call__(self, stats: FastMTPStats) -> int:
-        rates = self.expected_rates(self.acceptance(stats), self.draft_step_cost(stats))
+    def __call__(self, stats: FastMTPStats, batch_size: int = 1) -> int:
+        draft_step_seconds = self.draft_step_cost(stats)
+        rates = self.expected_rates(self.acceptance(stats), draft_step_seconds, batch_size)
         k = max(range(len(rates)), key=rates.__getitem__)
-        if k == 0 and self.plain_steps_in_a_row >= PROBE_AFTER:
+        if k == 0 and self.probe_due(draft_step_seconds, batch_size):
             k = 1
         self.plain_steps_in_a_row = self.plain_steps_in_a_row + 1 if k == 0 else 0
         return k
+
+    def probe_due(self, draft_step_seconds: float, batch_size: int) -> bool:
+        """
+        After a run of plain steps, whether one cycle should draft a token to re-measure acceptance: when drafting
+        could pay at all, and seldom enough for `PROBE_BUDGET` to cover the probe's extra cost (a batch's costs more).
+        """
+        plain_step = self.verification_cost(batch_size)
+        extra = (self.verification_cost(2 * batch_size) + draft_step_seconds - plain_step) / plain_step
+        due_after = max(PROBE_AFTER, math.ceil(extra / PROBE_BUDGET))
+        return self.plain_steps_in_a_row >= due_after and self.drafting_can_pay(draft_step_seconds, batch_size)
+
+    def drafting_can_pay(self, draft_step_seconds: float, batch_size: int) -> bool:
+        """Whether some K beats plain steps even if every draft were accepted (else a probe could only cost)."""
+        rates = self.expected_rates([1.0] * self.max_draft_tokens, draft_step_seconds, batch_size)
+        return max(rates[1:], default=0.0) > rates[0]
 
 
 __all__ = ["AutoDraftLength", "FixedDraftLength"]

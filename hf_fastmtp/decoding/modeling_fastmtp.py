@@ -22,7 +22,6 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.utils import CONFIG_NAME
 
 from .calibration import Calibration, calibration_enabled, calibration_key, load_or_calibrate
-from .candidate_generator import FastMTPStats
 from .configuration_fastmtp import (
     FastMTPConfig,
     base_signature,
@@ -31,15 +30,8 @@ from .configuration_fastmtp import (
 )
 from .cpu_kernels import CPUKernels, KernelChoice, is_cpu_float32
 from .draft_length import AutoDraftLength, FixedDraftLength
-from .draft_vocab import (
-    DraftVocabError,
-    DraftVocabulary,
-    detect_language,
-    last_user_message,
-    load_vocab_map,
-    validate_vocab_map,
-)
-from .draft_weights import DraftWeight, WeightSource, draft_linear
+from .draft_vocab import DraftVocabularies, DraftVocabulary, detect_language, last_user_message, load_vocab_map
+from .draft_weights import draft_linear
 from .hub_files import (
     HEAD_PREFIX,
     HEAD_WEIGHTS_NAME,
@@ -55,6 +47,7 @@ from .mimo import load_mimo, load_mimo_base
 from .model_card import write_model_card
 from .mtp_head import FastMTPHead
 from .speculative_decoding import fastmtp_decoding
+from .stats import FastMTPStats
 from .transformers_compat import cache_keyword, custom_generate_call, without_loader_internals
 
 
@@ -104,9 +97,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         self._head_mask_cache_keyword = cache_keyword(self._head_mask_function)
         self.generation_config = GenerationConfig.from_dict(base_model.generation_config.to_dict())
         self.last_fastmtp_stats: FastMTPStats | None = None
-        # Language -> token ids (most frequent first) that drafting may be restricted to; "all" is the overall map.
-        self.draft_vocab_maps: dict[str, torch.LongTensor] = {}
-        self._draft_vocab_cache: dict[tuple[str, int, str], DraftVocabulary] = {}
+        self.draft_vocabularies = DraftVocabularies(self.vocab_size)
         self._calibrations: dict[str, Calibration | None] = {}
         # Reads the prompt's language for draft_vocab="auto" when generate() is not given a `tokenizer`.
         self.prompt_tokenizer = None
@@ -387,42 +378,25 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ draft vocabularies
 
+    @property
+    def draft_vocab_maps(self) -> dict[str, torch.LongTensor]:
+        """Language code (or "all") -> token ids drafting may be restricted to, most frequent first."""
+        return self.draft_vocabularies.maps
+
     def set_draft_vocab_maps(self, maps: dict[str, torch.Tensor], default: str | None = None) -> None:
         """
         Restricts drafting to frequent tokens: `maps` is language code (or "all") -> 1-D tensor of token ids,
         most frequent first (SGLang / FR-Spec token-map format). `default` serves prompts whose language has no map.
         """
-        validated = {key: validate_vocab_map(ids, self.vocab_size, source=f"map {key!r}") for key, ids in maps.items()}
-        if default is not None and default not in validated:
-            raise DraftVocabError(f"Default draft vocabulary {default!r} is not among the maps {sorted(validated)}.")
-        self.draft_vocab_maps = validated
-        self._draft_vocab_cache.clear()
-        if default is None:
-            default = "all" if "all" in validated else next(iter(validated), None)
-        self.config.default_draft_vocab = default
+        self.draft_vocabularies.set_maps(maps, default)
+        self.config.default_draft_vocab = self.draft_vocabularies.default
 
     def draft_vocabulary(self, name: str, size: int | None = None, weight_format: str = "native") -> DraftVocabulary:
         """
         The map `name` (its `size` most frequent ids), with its lm_head rows sliced once and cached: on a CPU, in the
         draft steps' `weight_format` (`DraftWeight`: a draft step's product with them is memory-bound).
         """
-        token_ids = self.draft_vocab_maps[name]
-        size = token_ids.numel() if size is None else size
-        if not 0 < size <= token_ids.numel():
-            raise ValueError(f"Draft vocabulary {name!r} has {token_ids.numel()} tokens; cannot take the top {size}.")
-        lm_head = self.get_output_embeddings()
-        if not is_cpu_float32(lm_head.weight):
-            weight_format = "native"
-        cached = self._draft_vocab_cache.get((name, size, weight_format))
-        bias = getattr(lm_head, "bias", None)
-        # A cached slice is reused until the lm_head's weights change (a move, a reload).
-        if cached is None or not cached.source.matches(lm_head.weight, bias):
-            ids = token_ids[:size].to(lm_head.weight.device)
-            rows_bias = None if bias is None else bias[ids]
-            rows = DraftWeight.compact(lm_head.weight[ids], rows_bias, weight_format)
-            cached = DraftVocabulary(name, ids, rows, source=WeightSource(lm_head.weight, bias))
-            self._draft_vocab_cache[(name, size, weight_format)] = cached
-        return cached
+        return self.draft_vocabularies.get(name, size, self.get_output_embeddings(), weight_format)
 
     def resolve_draft_vocab(
         self,
@@ -431,37 +405,13 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         tokenizer=None,
         weight_format: str = "native",
     ) -> tuple[DraftVocabulary | None, str | None]:
-        """
-        The vocabulary to draft over and the detected language. `draft_vocab` is "full", "auto" (the map of the
-        prompt's language, else the default map; the default when maps exist), a language code, an int (the top-N
-        of the overall map "all"), or "<language or auto>:<N>".
-        """
-        if draft_vocab is None:
-            draft_vocab = "auto" if self.draft_vocab_maps else "full"
-        if draft_vocab == "full":
-            return None, None
-        if isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool):
-            name, size = "all", draft_vocab
-        elif isinstance(draft_vocab, str):
-            name, _, size_text = draft_vocab.partition(":")
-            size = int(size_text) if size_text.isdigit() else None
-            if size_text and size is None:
-                raise ValueError(f"`draft_vocab={draft_vocab!r}`: the size after ':' must be an integer.")
-        else:
-            raise ValueError(f"`draft_vocab` must be 'full', 'auto', a language code or an int, got {draft_vocab!r}.")
-        if not self.draft_vocab_maps:
-            raise ValueError(
-                f"`draft_vocab={draft_vocab!r}` needs vocabulary maps, and this model has none: use 'full'."
-            )
-        language = None
-        if name == "auto":
-            language = self.prompt_language(input_ids, tokenizer)
-            name = language if language in self.draft_vocab_maps else self.config.default_draft_vocab
-        if name not in self.draft_vocab_maps:
-            raise ValueError(
-                f"No draft vocabulary {name!r}: this model has {sorted(self.draft_vocab_maps)} (or 'full')."
-            )
-        return self.draft_vocabulary(name, size, weight_format), language
+        """The vocabulary to draft over and the detected language (`DraftVocabularies.resolve`)."""
+        return self.draft_vocabularies.resolve(
+            draft_vocab,
+            self.get_output_embeddings(),
+            lambda: self.prompt_language(input_ids, tokenizer),
+            weight_format,
+        )
 
     def prompt_language(self, input_ids: torch.LongTensor | None, tokenizer=None) -> str | None:
         """Language of the prompt's last user message, or None when it cannot be read or detected."""
@@ -633,11 +583,16 @@ def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfi
         return call_setting(settings, kwargs, name)
 
     batch_size = input_ids.shape[0] if input_ids is not None else 1
-    if batch_size * (setting("num_return_sequences") or 1) > 1:
+    pad = setting("pad_token_id")
+    if batch_size > 1 and kwargs.get("attention_mask") is None and pad is not None and (input_ids == pad).any():
         raise ValueError(
-            f"fastmtp=True decodes one sequence at a time, got {batch_size} prompts x "
-            f"{setting('num_return_sequences') or 1} return sequences. Call generate once per prompt, "
-            "or use fastmtp=False for batched generation."
+            "This batch holds padding but no attention mask: pass the tokenizer's `attention_mask` too "
+            "(`tokenizer(prompts, padding=True, padding_side='left', return_tensors='pt')`)."
+        )
+    if batch_size * (setting("num_return_sequences") or 1) > 1 and setting("prompt_lookup_num_tokens"):
+        raise ValueError(
+            "fastmtp=True with prompt lookup decodes one sequence at a time: drop `prompt_lookup_num_tokens` for a "
+            "batch (or `num_return_sequences` > 1), or call generate once per prompt."
         )
     if (setting("num_beams") or 1) > 1:
         raise ValueError("fastmtp=True supports greedy decoding and sampling, not beam search: set num_beams=1.")

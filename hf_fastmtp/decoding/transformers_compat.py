@@ -59,6 +59,33 @@ def eos_token_ids(generation_config: GenerationConfig) -> torch.Tensor | None:
     return generation_config._eos_token_tensor
 
 
+def pad_token_id(generation_config: GenerationConfig) -> int:
+    """
+    `GenerationConfig._pad_token_tensor`: the pad id `generate()` resolved (its EOS when none is set, as plain batched
+    decoding pads finished rows with); 0 when there is neither.
+    """
+    pad = generation_config._pad_token_tensor
+    if pad is None:
+        pad = generation_config.pad_token_id
+    return 0 if pad is None else int(pad.flatten()[0]) if isinstance(pad, torch.Tensor) else int(pad)
+
+
+def shift_cache_rows(cache, shifts: list[int]) -> None:
+    """
+    `DynamicLayer.keys` / `.values`: moves row b of every layer right by `shifts[b]` slots; the slots it leaves on the
+    left keep stale states, which the attention mask hides. For caches whose layers keep every slot (no sliding-window
+    layer, which keeps only its window).
+    """
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        length = layer.keys.shape[-2]
+        moved = torch.tensor(shifts, device=layer.keys.device)
+        index = (torch.arange(length, device=layer.keys.device) - moved[:, None]).clamp(min=0)[:, None, :, None]
+        layer.keys = layer.keys.gather(-2, index.expand_as(layer.keys))
+        layer.values = layer.values.gather(-2, index.expand_as(layer.values))
+
+
 def decoder_only_output(sequences: torch.LongTensor, scores, logits, cache) -> GenerateDecoderOnlyOutput:
     """`GenerateDecoderOnlyOutput`, whose cache field is `cache` since 5.24 and `past_key_values` before."""
     fields = GenerateDecoderOnlyOutput.__dataclass_fields__
@@ -151,8 +178,9 @@ def check_transformers_internals() -> list[str]:
     version = f"transformers {transformers.__version__}"
     problems = []
     prepare_special_tokens = inspect.getsource(transformers.GenerationMixin._prepare_special_tokens)
-    if "_eos_token_tensor" not in prepare_special_tokens:
-        problems.append(f"GenerationConfig._eos_token_tensor is no longer set by _prepare_special_tokens in {version}")
+    for name in ("_eos_token_tensor", "_pad_token_tensor"):
+        if name not in prepare_special_tokens:
+            problems.append(f"GenerationConfig.{name} is no longer set by _prepare_special_tokens in {version}")
     if not hasattr(PretrainedConfig(), "_attn_implementation_internal"):
         problems.append(f"PretrainedConfig._attn_implementation_internal is gone in {version}")
     if not hasattr(PreTrainedModel, "_init_weights"):
@@ -180,6 +208,8 @@ __all__ = [
     "ignoring_unexpected_weights",
     "initialize_weights",
     "last_hidden_state_only",
+    "pad_token_id",
+    "shift_cache_rows",
     "set_attn_implementation_of_this_config",
     "without_loader_internals",
 ]

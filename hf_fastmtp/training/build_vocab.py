@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..decoding.draft_vocab import detect_language
+from ..jsonl import write_json
 from .distill import iter_distilled, read_manifest
 
 DEFAULT_SIZES = (4096, 8192, 16384, 32768)
@@ -100,9 +101,7 @@ def install_into_head(head_dir: Path, output_dir: Path, manifest: dict, default:
         chosen[language] = f"{relative}/{by_size[pick]}"
     config["draft_vocab_maps"] = chosen
     config["default_draft_vocab"] = default
-    temporary = config_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(temporary, config_path)
+    write_json(config_path, config)
     add_to_model_card(head_dir / "README.md", chosen, manifest, default)
 
 

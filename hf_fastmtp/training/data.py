@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -14,6 +14,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..jsonl import iter_json_lines
 from ..prompts import encode_chat
 from . import TrainError
 from .distill import DistillError, iter_distilled, read_manifest, tokenizer_fingerprint
@@ -107,30 +108,20 @@ def load_reference_examples(
     response is the reference's tokens plus EOS, after the prompt in the base's chat template.
     """
     path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"Reference data file {path} not found.")
+    lines = iter_json_lines(path, TrainError, "Reference data file")
     if tokenizer.eos_token_id is None:
         raise TrainError("The tokenizer has no EOS token to end the reference answers with.")
     rows, sources = [], set()
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if max_rows is not None and len(rows) == max_rows:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TrainError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "reference")):
-                raise TrainError(f"{path}, line {number}: needs the string fields prompt and reference.")
-            if not row["prompt"].strip():
-                raise TrainError(f"{path}, line {number}: the prompt is empty.")
-            prompt_ids = encode_chat(tokenizer, row["prompt"])["input_ids"][0].tolist()
-            response_ids = tokenizer(row["reference"], add_special_tokens=False)["input_ids"]
-            response_ids = response_ids + [tokenizer.eos_token_id] if row["reference"].strip() else []
-            rows.append((str(row.get("id", f"line-{number}")), prompt_ids, response_ids))
-            sources.add(str(row.get("source", path.name)))
+    for number, row in itertools.islice(lines, max_rows):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "reference")):
+            raise TrainError(f"{path}, line {number}: needs the string fields prompt and reference.")
+        if not row["prompt"].strip():
+            raise TrainError(f"{path}, line {number}: the prompt is empty.")
+        prompt_ids = encode_chat(tokenizer, row["prompt"])["input_ids"][0].tolist()
+        response_ids = tokenizer(row["reference"], add_special_tokens=False)["input_ids"]
+        response_ids = response_ids + [tokenizer.eos_token_id] if row["reference"].strip() else []
+        rows.append((str(row.get("id", f"line-{number}")), prompt_ids, response_ids))
+        sources.add(str(row.get("source", path.name)))
     return build_examples(rows, max_seq_len, sources)
 
 

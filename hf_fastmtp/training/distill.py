@@ -35,9 +35,9 @@ from transformers import (
 )
 
 from ..decoding.transformers_compat import cache_keyword
-from ..jsonl import append_rows, iter_json_lines, iter_rows, read_rows, write_json
+from ..jsonl import append_rows, iter_json_lines, iter_rows, read_json, read_rows, write_json
 from ..prompts import encode_chat
-from ..run_settings import changed_settings
+from ..run_settings import open_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -266,10 +266,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {folder} is not a folder written by `fastmtp distill`.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DistillError(f"{path} is not valid JSON ({error}).") from None
+    return read_json(path, DistillError)
 
 
 def selected_prompt_ids(folder: str | os.PathLike) -> set[str]:
@@ -378,21 +375,14 @@ class _Written:
 def _open_folder(folder: Path, identity: dict, run: dict) -> dict:
     """The manifest to continue with; refuses a folder whose data was made with another model or settings."""
     manifest_path = folder / MANIFEST_NAME
-    if manifest_path.exists():
-        manifest = read_manifest(folder)
-        changed = changed_settings(manifest, identity, IDENTITY_KEYS)
-        if changed:
-            raise DistillError(
-                f"{folder} holds data made with other settings ({'; '.join(changed)}). Mixing them would spoil the "
-                "training data: use another --output folder, or the settings it was made with."
-            )
-    elif folder.is_dir() and _shard_paths(folder):
+    if not manifest_path.exists() and folder.is_dir() and _shard_paths(folder):
         raise DistillError(f"{folder} has shard files but no {MANIFEST_NAME}; refusing to add data of unknown origin.")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = {**identity, "runs": []}
-    if run not in manifest["runs"]:
-        manifest["runs"].append(run)
+    manifest, changed = open_run_folder(manifest_path, identity, run, IDENTITY_KEYS, DistillError)
+    if changed:
+        raise DistillError(
+            f"{folder} holds data made with other settings ({'; '.join(changed)}). Mixing them would spoil the "
+            "training data: use another --output folder, or the settings it was made with."
+        )
     return manifest
 
 

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from ..decoding.atomic_files import replaced_atomically
 from .data import Example
 from .objective import IGNORE_INDEX
 
@@ -83,9 +84,8 @@ def precompute_hidden_states(
             for row, hidden in base_hidden_states(base, chunks[index]):
                 tensors[str(row)] = hidden.to(dtype).contiguous()
                 bar.update(hidden.shape[0])
-            staging = paths[index].with_suffix(".tmp")
-            save_file(tensors, staging, metadata={"digest": digest})
-            os.replace(staging, paths[index])
+            with replaced_atomically(paths[index]) as staging:
+                save_file(tensors, staging, metadata={"digest": digest})
     return HiddenStateStore(paths, rows_per_chunk)
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import shlex
 import shutil
@@ -20,7 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..decoding.atomic_files import replaced_atomically
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
+from ..jsonl import read_rows
 from ..run_settings import changed_settings
 from . import TrainError
 from .distill import read_manifest
@@ -57,19 +58,17 @@ def save_checkpoint(run: TrainingRun, target: Path) -> None:
     or absent, then deletes the older ones. Only at optimizer-step boundaries: no gradient accumulation is in flight.
     """
     if run.accelerator.is_main_process and not target.exists():
-        staging = target.with_name(f".staging-{target.name}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         head_state = {name: tensor.detach().cpu().contiguous() for name, tensor in run.model.head.state_dict().items()}
-        save_file(head_state, staging / "head.safetensors")
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         trainer = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng}
-        torch.save(trainer, staging / "trainer.pt")
         saved = {"state": dataclasses.asdict(run.state), "config": run.config.identity(), "data": run.data_fingerprint}
-        (staging / "state.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
-        os.replace(staging, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(target, folder=True) as staging:
+            save_file(head_state, staging / "head.safetensors")
+            torch.save(trainer, staging / "trainer.pt")
+            (staging / "state.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
         for older in target.parent.glob("step-*"):
             if older != target:
                 shutil.rmtree(older)
@@ -124,22 +123,24 @@ def save_head(model: FastMTPForCausalLM, head_dir: Path, report: DataReport, sum
     `save_pretrained` into a staging folder that replaces `head_dir`, so a crash never leaves half a head. The model
     card lists the prompts' datasets (and so gets the licence of Alpaca-derived data right) and how it was trained.
     """
-    staging = head_dir.with_name(f".staging-{head_dir.name}")
-    shutil.rmtree(staging, ignore_errors=True)
     if summary.get("final_validation"):  # where num_draft_tokens="auto" starts from
         model.config.draft_acceptance = [round(a, 4) for a in summary["final_validation"]["val_accuracy"]]
-    model.save_pretrained(staging, model_card_extra={"datasets": report.sources, "training": summary})
-    # Kept with the head, so that a run continuing from it (--init) can record the whole lineage.
-    (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(head_dir, ignore_errors=True)
-    os.replace(staging, head_dir)
+    with replaced_atomically(head_dir, folder=True) as staging:
+        model.save_pretrained(staging, model_card_extra={"datasets": report.sources, "training": summary})
+        # Kept with the head, so that a run continuing from it (--init) can record the whole lineage.
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def read_train_log(path: Path) -> list[dict]:
+    """The records of train_log.jsonl, cutting off a torn last line that a run killed mid-write left."""
+    return read_rows(path, ("step",), TrainError)
 
 
 def write_summary(
     config: TrainConfig, data: TrainingData, state: TrainState, steps_per_epoch: int, accelerator
 ) -> dict:
     output = Path(config.output)
-    records = [json.loads(line) for line in (output / LOG_NAME).read_text(encoding="utf-8").splitlines()]
+    records = read_train_log(output / LOG_NAME)
     validations = [r for r in records if "val_accuracy" in r]
     summary = {
         "data": config.data or config.reference_data,
@@ -205,7 +206,7 @@ def plot_training_log(log_path: Path, png_path: Path) -> None:
     """Training and validation loss, and validation top-1 accuracy per draft step, over the optimizer steps."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_train_log(log_path)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     figure = Figure(figsize=(11, 4), layout="constrained")

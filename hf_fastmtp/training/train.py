@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import time
@@ -50,6 +49,7 @@ from transformers import (
 from ..decoding.configuration_fastmtp import check_num_draft_tokens
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 from ..decoding.transformers_compat import initialize_weights
+from ..jsonl import append_rows, write_rows
 from . import TrainError
 from .data import DataReport, Example, is_validation, load_distilled_examples, load_reference_examples
 from .hidden_states import HiddenStateStore, LengthGroupedBatches, PairDataset, collate_pairs, precompute_hidden_states
@@ -60,6 +60,7 @@ from .outputs import (
     PLOT_NAME,
     TrainState,
     plot_training_log,
+    read_train_log,
     resume,
     save_checkpoint,
     save_head,
@@ -505,14 +506,12 @@ class TrainLog:
     def keep_until(self, step: int) -> None:
         """Drops what an interrupted run logged after the checkpoint it resumes from (all, when starting anew)."""
         if self.enabled and self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and step > 0 and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [record for record in read_train_log(self.path) if step > 0 and record["step"] <= step]
+            write_rows(self.path, kept)
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
+            append_rows(self.path, [record])
 
 
 __all__ = ["HIDDEN_DTYPES", "LABELS", "TrainConfig", "TrainResult", "format_validation", "train"]
