@@ -13,6 +13,7 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 from transformers.generation.streamers import BaseStreamer
 
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPStats
+from hf_fastmtp.decoding.draft_length import FixedDraftLength
 
 
 def prompt(length: int, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
@@ -347,15 +348,14 @@ def test_head_cache_extended_incrementally_equals_one_shot(architecture, monkeyp
     )
 
 
-class ScriptedDraftLength:
+class ScriptedDraftLength(FixedDraftLength):
     """K for each cycle from a repeating script: plain steps between drafting cycles, as "auto" may choose."""
 
-    max_draft_tokens = 3
-
     def __init__(self, script: list[int]):
+        super().__init__(num_draft_tokens=3)
         self.script, self.cycle = script, 0
 
-    def __call__(self, stats) -> int:
+    def __call__(self, stats, batch_size: int = 1) -> int:
         self.cycle += 1
         return self.script[(self.cycle - 1) % len(self.script)]
 
