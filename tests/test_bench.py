@@ -485,13 +485,19 @@ def test_refuses_to_resume_with_other_settings(tiny, tmp_path):
         run_bench(model, tokenizer, output, questions=questions, model_name="another", **RUN)
 
 
-def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
-    model, tokenizer = tiny
-    model.save_pretrained(tmp_path / "head")
-    model.model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+def saved_for_the_cli(model, tokenizer, folder: Path) -> argparse.ArgumentParser:
+    """The tiny model saved as `--base folder/base --head folder/head`, and the `fastmtp` parser."""
+    model.save_pretrained(folder / "head")
+    model.model.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
+    return parser
+
+
+def test_cli_loads_the_model_in_the_requested_dtype(tiny, tmp_path):
+    model, tokenizer = tiny
+    parser = saved_for_the_cli(model, tokenizer, tmp_path)
     argv = ["bench", "--output", "o", "--base", str(tmp_path / "base"), "--head", str(tmp_path / "head")]
     assert (parser.parse_args(argv).dtype, parser.parse_args(argv).device) == ("auto", "auto")
     loaded, _ = load_model(parser.parse_args([*argv, "--dtype", "bfloat16", "--device", "cpu"]))
@@ -560,11 +566,7 @@ def test_a_mode_the_model_cannot_run_fails_before_any_record(tiny, tmp_path):
 def test_throughput_by_batch_size_through_the_cli(tiny, tmp_path, capsys):
     """`fastmtp bench --batch-size`: both modes per batch, lossless batch for batch, tables and plot; resumable."""
     model, tokenizer = tiny
-    model.save_pretrained(tmp_path / "head")
-    model.model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers())
+    parser = saved_for_the_cli(model, tokenizer, tmp_path)
     questions = write_questions(tmp_path / "q.jsonl", per_category=2)  # 4 prompts of different lengths
     output = tmp_path / "throughput"
     argv = ["bench", "--output", str(output), "--questions", str(questions), "--max-new-tokens", "10"]

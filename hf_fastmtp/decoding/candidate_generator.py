@@ -106,6 +106,9 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             draft_vocab_size=model.vocab_size if draft_vocabulary is None else draft_vocabulary.size,
         )
         self.active_rows: list[int] = []  # the prompts the batch's rows decode (for the per-row stats)
+        # Whether the head needs the slots' attention mask: padding, or a batch (whose rows move); else the head's
+        # steps build no mask, as for one unpadded prompt.
+        self.masked = False
         self._num_drafted = 0
         self._drafted_by_lookup = False
         self._awaiting_prefill = True
@@ -137,6 +140,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         if is_first_iteration:  # (the first call precedes the prefill, whose hidden states it needs)
             self._clock = time.perf_counter()
             self.active_rows = list(range(input_ids.shape[0]))
+            self.masked = input_ids.shape[0] > 1 or (attention_mask is not None and not bool(attention_mask.all()))
             if input_ids.shape[0] > 1:
                 self.stats.rows = [self.stats.empty_copy() for _ in self.active_rows]
             return input_ids, None
@@ -157,6 +161,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             self._clock = self._synchronized_time()
             return input_ids, None
 
+        attention_mask = attention_mask if self.masked else None
         if self.pending_hidden_states:
             head_output, position_ids = self._extend_head_cache(input_ids, attention_mask)
         else:
