@@ -1,6 +1,7 @@
 """
-Export for serving engines: SGLang serves FastMTP heads at scale through its MiMo MTP path, from a MiMo-style
-checkpoint (the base's weights plus the head as `model.mtp_layers.0.*`, a MiMo config and a token map).
+Export for serving engines: SGLang and vLLM serve FastMTP heads at scale through their MiMo MTP paths, from one
+MiMo-style checkpoint (the base's weights plus the head as `model.mtp_layers.0.*` and a MiMo config; for SGLang also a
+token map). The rules the engines' loaders apply to it are in tests/fixtures/mimo_mtp_engines.json.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def draft_vocab_map_paths(config: PretrainedConfig, folder: str | os.PathLike | 
     return {language: Path(folder or "", path).absolute() for language, path in maps.items()}
 
 
-# ----------------------------------------------------------------------------- SGLang export
+# ----------------------------------------------------------------------------- SGLang and vLLM export
 
 
 def export_sglang(
@@ -65,23 +66,51 @@ def export_sglang(
     `token_map` picks the vocabulary map SGLang drafts over (one for all prompts; default: `default_draft_vocab`, or
     the only map). The tokenizer (default: the base model's) is saved beside the weights, where SGLang looks for it.
     """
-    check_servable_by_sglang(model)
+    output_dir = write_mimo_checkpoint(model, output_dir, tokenizer, engine="SGLang")
+    token_map_file = write_token_map(model, token_map, output_dir)
+    return sglang_command(output_dir, model.config.num_draft_tokens, token_map_file)
+
+
+def export_vllm(
+    model: FastMTPForCausalLM,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+) -> str:
+    """
+    Writes `model` as a MiMo checkpoint, which vLLM serves through its MiMo MTP path (`MiMoMTPModel`), and returns
+    the `vllm serve` command. vLLM drafts over the whole vocabulary: it takes no token map.
+    """
+    output_dir = write_mimo_checkpoint(model, output_dir, tokenizer, engine="vLLM")
+    if model.draft_vocab_maps:
+        logger.info("vLLM's MTP drafting takes no vocabulary map: it drafts over the whole vocabulary.")
+    return vllm_command(output_dir, model.config.num_draft_tokens)
+
+
+def write_mimo_checkpoint(
+    model: FastMTPForCausalLM,
+    output_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None,
+    engine: str,
+) -> Path:
+    """The checkpoint both engines read: the base's shards, the head's shard, a MiMo config and the tokenizer."""
+    check_servable(model, engine)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} is not empty: export writes a whole checkpoint; choose a new folder.")
     model.model.save_pretrained(output_dir)
     add_head_shard(model, output_dir)
     write_mimo_config(output_dir)
-    token_map_file = write_token_map(model, token_map, output_dir)
     save_tokenizer(tokenizer or model.config.base_model_name_or_path, output_dir)
-    return sglang_command(output_dir, model.config.num_draft_tokens, token_map_file)
+    return output_dir
 
 
-def check_servable_by_sglang(model: FastMTPForCausalLM) -> None:
+def check_servable(model: FastMTPForCausalLM, engine: str) -> None:
+    """Both engines build MiMo's MTP layer around their Qwen2 decoder layer, so the base must be a Qwen2 model."""
     model_type = model.model.config.model_type
     if model_type not in SGLANG_BASE_TYPES:
         raise ValueError(
-            f"SGLang serves FastMTP heads through its MiMo MTP path, which supports Qwen2-architecture bases only "
+            f"{engine} serves FastMTP heads through its MiMo MTP path, which supports Qwen2-architecture bases only "
             f"(model_type {', '.join(map(repr, SGLANG_BASE_TYPES))}: MiMo, Qwen2, Qwen2.5); this base is "
             f"{model_type!r} ({type(model.model).__name__}). Serve it with `generate(fastmtp=True)` in Transformers."
         )
@@ -189,4 +218,16 @@ def sglang_command(model_dir: Path, num_draft_tokens: int, token_map: Path | Non
     return " ".join(arguments)
 
 
-__all__ = ["draft_vocab_map_paths", "export_sglang"]
+def vllm_command(model_dir: Path, num_draft_tokens: int) -> str:
+    """
+    vLLM's launch command: method "mtp" (vLLM's name since it deprecated "mimo_mtp", which it still maps to "mtp")
+    drafts with the checkpoint's own MTP layer, applied `num_speculative_tokens` times in a chain.
+    """
+    speculative_config = json.dumps({"method": "mtp", "num_speculative_tokens": num_draft_tokens})
+    return (
+        f"vllm serve {shlex.quote(str(model_dir))} --trust-remote-code "
+        f"--speculative-config {shlex.quote(speculative_config)}"
+    )
+
+
+__all__ = ["draft_vocab_map_paths", "export_sglang", "export_vllm"]

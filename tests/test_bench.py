@@ -251,7 +251,9 @@ def test_questions_from_prompt_files_filtered_and_held_out(tmp_path):
     with pytest.raises(BenchError, match=r"categories \['z'\]"):
         load_questions(spec, categories=["z"])
     prompts.write_text(json.dumps({"id": "a", "prompt": "no source"}) + "\n", encoding="utf-8")
-    with pytest.raises(BenchError, match="line 1: needs question_id"):
+    assert load_questions(prompts)[0]["category"] == "prompts"  # a file without categories is one: its name
+    prompts.write_text(json.dumps({"id": "a", "question": "no prompt"}) + "\n", encoding="utf-8")
+    with pytest.raises(BenchError, match="line 1: no prompt column"):
         load_questions(prompts)
 
 

@@ -583,6 +583,9 @@ def test_auto_draft_length_falls_back_to_plain_steps_where_a_batch_is_compute_bo
     assert policy(stats, batch_size=1) >= 2  # drafts are nearly free
     assert policy.verification_cost(16) == pytest.approx(5.15 + 8 * (5.15 - 1.15) / 4)  # extended linearly
     assert policy(stats, batch_size=8) == 0  # 8 rows x (K + 1) positions: every draft is paid for in full
+    # A batch size's first cycle is a plain step, which times it; then drafts are weighed against that time.
+    assert policy(stats, batch_size=2) == 0
+    policy.observe(2, 1.05)
     assert 0 < policy(stats, batch_size=2) < policy(stats, batch_size=1)
     # Where even perfect acceptance could not pay, plain steps never probe.
     assert not policy.drafting_can_pay(0.01, batch_size=8) and policy.drafting_can_pay(0.01, batch_size=2)

@@ -259,9 +259,9 @@ def test_shards_without_manifest_are_refused(tiny, prompts_file, tmp_path):
         ("", "is empty"),
         ("\n\n", "is empty"),
         ('{"id": "a", "source": "s", "lang": "en", "prompt": "hi"}\n{"id": "b", "source"\n', "line 2: not valid JSON"),
-        ('{"id": "a", "source": "s", "lang": "en"}\n', "line 1: needs the string fields"),
+        ('{"id": "a", "source": "s", "lang": "en"}\n', "line 1: no prompt column"),
         ('{"id": "a", "source": "s", "lang": "en", "prompt": "  "}\n', "line 1: the prompt is empty"),
-        ('["a", "s", "en", "hi"]\n', "line 1: needs the string fields"),
+        ('["a", "s", "en", "hi"]\n', "line 1: not an object with a prompt"),
         ('{"id": "a", "source": "s", "lang": "en", "prompt": "x"}\n' * 2, "line 2: id 'a' is already used on line 1"),
     ],
 )
@@ -363,7 +363,7 @@ def cli_parser() -> argparse.ArgumentParser:
 
 def test_cli_defaults():
     args = cli_parser().parse_args(["distill", "--output", "out"])
-    assert args.prompts == str(Path("..", "shared", "data", "distill_prompts.jsonl"))
+    assert args.prompts is None and args.push_to_hub is None  # no prompts ship: the command says what to pass
     assert (args.batch_size, args.max_new_tokens, args.shard_size, args.max_prompt_tokens) == (32, 256, 1000, 512)
     assert (args.temperature, args.top_k, args.top_p, args.seed) == (0.6, 20, 0.95, 0)
     assert args.source is None and args.lang is None and args.num_prompts is None and args.base is None

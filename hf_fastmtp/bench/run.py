@@ -37,7 +37,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..decoding.calibration import machine_name
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 from ..decoding.stats import FastMTPStats
-from ..jsonl import append_rows, iter_json_lines, read_rows, write_json
+from ..jsonl import append_rows, read_rows, write_json
+from ..prompt_sources import DEFAULT_SOURCE_OPTIONS, SPEC_BENCH, SourceOptions, read_prompts
 from ..prompts import encode_chat
 from ..run_settings import open_run_folder
 from .metrics import REFERENCE, BenchError, aggregate
@@ -45,7 +46,7 @@ from .report import write_reports
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUESTIONS = Path("..", "shared", "data", "spec_bench.jsonl")
+DEFAULT_QUESTIONS = SPEC_BENCH  # shipped in the package (Apache-2.0, hf_fastmtp/data/README.md)
 # The reference (stock Transformers) first; `ar` is plain decoding under this package's CPU kernels.
 METHODS = (REFERENCE, "ar", "fastmtp", "pld", "assisted")
 DEFAULT_METHODS = (REFERENCE, "ar", "fastmtp", "pld")
@@ -163,62 +164,38 @@ def load_questions(
     *,
     categories: Sequence[str] | None = None,
     exclude_ids: Iterable[str] = (),
+    options: SourceOptions = DEFAULT_SOURCE_OPTIONS,
 ) -> list[dict]:
     """
-    Questions as `question_id`, `category`, `prompt`, in file order, from one or more JSONL files.
+    Questions as `question_id`, `category`, `prompt`, in order, from one or more JSONL files, datasets or Hub ids.
 
-    A row is a Spec-Bench question (`question_id`, `category`, `turns`: the first turn is asked) or a prompt in the
-    distillation format (`id`, `source`, `prompt`: the source is the category). `categories` keeps only those,
-    `exclude_ids` drops prompts (e.g. those a head was trained on), and `per_category` then keeps the first N of each
-    category, so that the same N always selects the same prompts.
+    A row is a Spec-Bench question (`question_id`, `category`, `turns`: the first turn is asked), a prompt in the
+    distillation format (`id`, `source`, `prompt`: the source is the category), or any dataset row that `options`
+    name the columns of (`prompt_sources.read_prompts`). `categories` keeps only those, `exclude_ids` drops prompts
+    (e.g. those a head was trained on), and `per_category` then keeps the first N of each category, so that the same
+    N always selects the same prompts.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    excluded = set(exclude_ids)
+    excluded = {str(question_id) for question_id in exclude_ids}
     questions, seen, taken = [], set(), Counter()
     for path in paths:
-        for number, row in iter_json_lines(path, BenchError, "Questions file"):
-            question = _as_question(row)
-            if question is None:
-                raise BenchError(
-                    f"{path}, line {number}: needs question_id, category and turns (a Spec-Bench question), or id, "
-                    "source and prompt (a distillation prompt)."
-                )
-            if question["question_id"] in seen:
-                raise BenchError(f"{path}, line {number}: question_id {question['question_id']!r} is used twice.")
-            seen.add(question["question_id"])
-            category = question["category"]
+        for row in read_prompts(path, options, error=BenchError, what="Questions"):
+            if row["id"] in seen:
+                raise BenchError(f"{path}: question_id {row['id']!r} is used twice (also in an earlier file).")
+            seen.add(row["id"])
+            category = row["source"]
             if categories is not None and category not in categories:
                 continue
-            if question["question_id"] in excluded:
+            if str(row["id"]) in excluded:
                 continue
             if per_category is None or taken[category] < per_category:
                 taken[category] += 1
-                questions.append(question)
+                questions.append({"question_id": row["id"], "category": category, "prompt": row["prompt"]})
     if categories is not None and (missing := set(categories) - set(taken)):
         raise BenchError(f"No question of the categories {sorted(missing)} in {', '.join(map(str, paths))}.")
     if not questions:
         raise BenchError(f"No questions in {', '.join(map(str, paths))}.")
     return questions
-
-
-def _as_question(row: Any) -> dict | None:
-    """A row of either format as a question, or None when it is neither."""
-    if not isinstance(row, dict):
-        return None
-    if "turns" in row:
-        turns = row["turns"]
-        if "question_id" in row and isinstance(row.get("category"), str) and isinstance(turns, list) and turns:
-            return _question(row["question_id"], row["category"], turns[0])
-        return None
-    if all(isinstance(row.get(name), str) for name in ("id", "source", "prompt")):
-        return _question(row["id"], row["source"], row["prompt"])
-    return None
-
-
-def _question(question_id: Any, category: str, prompt: Any) -> dict | None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        return None
-    return {"question_id": question_id, "category": category, "prompt": prompt}
 
 
 def check_options(
@@ -258,11 +235,13 @@ def run_bench(
     assistant_tokenizer: PreTrainedTokenizerBase | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    question_options: SourceOptions = DEFAULT_SOURCE_OPTIONS,
 ) -> dict:
     """
     Runs every (prompt, mode) pair that `output_dir` does not hold yet, then writes the results and returns them.
 
-    `questions`, `per_category`, `categories` and `exclude_ids` select the prompts (`load_questions`).
+    `questions` (with `question_options`), `per_category`, `categories` and `exclude_ids` select the prompts
+    (`load_questions`).
     `num_draft_tokens` (ints or "auto") defaults to "auto"; `confidence_thresholds` adds gated FastMTP modes (None:
     ungated), `lookup_tokens` FastMTP modes that also draft by prompt lookup (None: without).
     `assistant_model` is needed for the `assisted` method; give `assistant_tokenizer` too when it does not share the
@@ -278,7 +257,9 @@ def run_bench(
     if "assisted" in methods and assistant_model is None:
         raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
     exclude_ids = set(exclude_ids)
-    selection = load_questions(questions, per_category, categories=categories, exclude_ids=exclude_ids)
+    selection = load_questions(
+        questions, per_category, categories=categories, exclude_ids=exclude_ids, options=question_options
+    )
     modes = build_modes(
         methods,
         num_draft_tokens or ["auto"],
@@ -295,6 +276,7 @@ def run_bench(
     }
     run = {
         "questions": [str(path) for path in ([questions] if isinstance(questions, (str, os.PathLike)) else questions)],
+        **({"question_options": question_options.to_dict()} if question_options.to_dict() else {}),
         "per_category": per_category,
         "categories": list(categories) if categories is not None else None,
         "excluded_ids": len(exclude_ids),

@@ -73,8 +73,22 @@ def parse_lookup_tokens(value: str) -> int | None:
     return int(value) or None
 
 
+BASE_HELP = "base model folder, Hub id or GGUF file (default: embedded SmolLM2-135M-Instruct)"
+
+
+def add_gguf_file_argument(parser: argparse.ArgumentParser) -> None:
+    """`--gguf-file`, for a GGUF base given as a folder (`--base`) and a file name in it, as Transformers takes one."""
+    parser.add_argument(
+        "--gguf-file",
+        metavar="NAME",
+        help="GGUF file in the --base folder; dequantised once into a float checkpoint in the cache, which heads "
+        "trained on it name as their base",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", help=BASE_HELP)
+    add_gguf_file_argument(parser)
     parser.add_argument("--head", help="FastMTP head folder (default: the shipped head; with --base: a new head)")
     parser.add_argument(
         "-k",
@@ -106,7 +120,8 @@ def load_model(args: argparse.Namespace) -> tuple[FastMTPForCausalLM, PreTrained
     """The embedded default, or `--base`/`--head` when given, in `--dtype`, on `--device`."""
     dtype = parse_dtype(args.dtype)
     device = resolve_device(args.device)  # before the load, which can take half a minute
-    model, tokenizer = embedded.load_model(args.base, args.head, dtype)
+    # `fastmtp calibrate` takes no --gguf-file (a GGUF --base file still works there).
+    model, tokenizer = embedded.load_model(args.base, args.head, dtype, getattr(args, "gguf_file", None))
     return model.to(device), tokenizer
 
 

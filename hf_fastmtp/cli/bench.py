@@ -30,13 +30,16 @@ from ..bench.throughput import render_throughput, run_throughput
 from ..embedded import DEFAULT_BASE_NAME
 from ..training.distill import DistillError, selected_prompt_ids
 from .args import (
+    BASE_HELP,
     add_device_argument,
     add_dtype_argument,
+    add_gguf_file_argument,
     draft_length_arg,
     load_model,
     parse_lookup_tokens,
     parse_probability,
 )
+from .source_args import add_source_arguments, source_options
 
 
 def parse_draft_vocab(value: str) -> str | int:
@@ -69,9 +72,10 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         "--questions",
         nargs="+",
         default=[str(DEFAULT_QUESTIONS)],
-        metavar="PATH",
-        help="JSONL files of Spec-Bench questions (question_id, category, turns) or of distillation prompts (id, "
-        f"source as the category, prompt) (default: {DEFAULT_QUESTIONS}, from the current folder)",
+        metavar="PATH_OR_ID",
+        help="JSONL files, dataset folders or files, or Hub dataset ids: Spec-Bench questions (question_id, category, "
+        "turns), distillation prompts (id, source as the category, prompt) or any prompts the column options name "
+        "(default: Spec-Bench, 480 questions, shipped with hf_fastmtp)",
     )
     parser.add_argument("--categories", nargs="+", metavar="NAME", help="only these categories (default: all)")
     parser.add_argument(
@@ -137,14 +141,14 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         help="instead of the modes: throughput by batch size, plain batched decoding in stock Transformers against "
         "batched FastMTP (the first --k), over the selected prompts cut into batches of B (throughput.md, .png)",
     )
-    parser.add_argument(
-        "--base", metavar="PATH_OR_ID", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)"
-    )
+    parser.add_argument("--base", metavar="PATH_OR_ID", help=BASE_HELP)
+    add_gguf_file_argument(parser)
     parser.add_argument(
         "--head", metavar="PATH", help="FastMTP head folder (default: the shipped head; with --base: a new head)"
     )
     add_dtype_argument(parser)
     add_device_argument(parser)
+    add_source_arguments(parser, "--questions")
     parser.set_defaults(func=cmd_bench)
 
     compare = commands.add_parser(
@@ -186,15 +190,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
         if "assisted" in methods and not args.assistant:
             raise BenchError("The `assisted` mode needs a draft model: pass --assistant PATH_OR_ID.")
-        for path in args.questions:
-            if not Path(path).is_file():
-                raise BenchError(
-                    f"Questions file {path} not found (the default, {DEFAULT_QUESTIONS}, is relative to the "
-                    "current directory): pass --questions PATH."
-                )
         exclude_ids = held_out_exclusions(args.held_out_from) if args.held_out_from else set()
+        # Read before the model loads too, so that a missing file or column fails at once.
+        questions = load_questions(
+            args.questions,
+            args.per_category,
+            categories=args.categories,
+            exclude_ids=exclude_ids,
+            options=source_options(args),
+        )
         if args.batch_size:
-            return cmd_throughput(args, exclude_ids)
+            return cmd_throughput(args, [question["prompt"] for question in questions])
         model, tokenizer = load_model(args)
         assistant_model, assistant_tokenizer = (
             _load_assistant(args.assistant, model) if "assisted" in methods else (None, None)
@@ -217,6 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             assistant_model=assistant_model,
             assistant_tokenizer=assistant_tokenizer,
             model_name=args.base or DEFAULT_BASE_NAME,
+            question_options=source_options(args),
         )
     except BenchError as error:
         raise SystemExit(f"fastmtp bench: error: {error}") from None
@@ -224,14 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"\n{lossless_line(results)}\nFull results: {Path(args.output) / RESULTS_MD_NAME}")
 
 
-def cmd_throughput(args: argparse.Namespace, exclude_ids: set[str]) -> None:
+def cmd_throughput(args: argparse.Namespace, prompts: list[str]) -> None:
     """`fastmtp bench --batch-size ...`: the throughput sweep (`bench/throughput.py`)."""
-    prompts = [
-        question["prompt"]
-        for question in load_questions(
-            args.questions, args.per_category, categories=args.categories, exclude_ids=exclude_ids
-        )
-    ]
     model, tokenizer = load_model(args)
     results = run_throughput(
         model,

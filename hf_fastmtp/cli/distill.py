@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..embedded import load_base
-from ..training.distill import DEFAULT_PROMPTS, KNOWN_SOURCES, DistillError, check_options, distill
-from .args import add_device_argument, add_dtype_argument, parse_dtype, resolve_device
+from ..prompt_sources import read_prompts
+from ..training.distill import KNOWN_SOURCES, DistillError, check_options, distill
+from ..training.distilled_dataset import export_dataset, push_to_hub
+from ..training.processes import launched_processes
+from .args import (
+    BASE_HELP,
+    add_device_argument,
+    add_dtype_argument,
+    add_gguf_file_argument,
+    parse_dtype,
+    resolve_device,
+)
+from .source_args import add_source_arguments, source_options
+
+NO_PROMPTS = (
+    "fastmtp distill needs prompts: pass --prompts with a JSONL file (a prompt per line: prompt, and optionally id, "
+    "source, lang), a dataset folder or data file, or a Hub dataset id (e.g. --prompts tatsu-lab/alpaca "
+    "--prompt-column instruction). No prompt set ships with hf_fastmtp: the ones its head was trained on are under "
+    "non-commercial licences."
+)
 
 
 def register_cli(commands: argparse._SubParsersAction) -> None:
@@ -16,14 +33,19 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         "distill",
         help="answer prompts with the base model: the FastMTP head's training data (resumable)",
         description="Self-distillation: the base model answers prompts with its own chat template and sampling; the "
-        "answers are written as JSONL shards. Rerun the same command to resume an interrupted run.",
+        "answers are written as JSONL shards and as a Parquet dataset with its card (`datasets.load_dataset(OUTPUT)`)."
+        " Rerun the same command to resume an interrupted run.",
     )
     parser.add_argument(
         "--prompts",
-        default=str(DEFAULT_PROMPTS),
-        help=f"JSONL with id, source, lang, prompt per line (default: {DEFAULT_PROMPTS}, from the current directory)",
+        metavar="PATH_OR_ID",
+        help="required: a JSONL file, a dataset folder or data file, or a Hub dataset id (see the column options)",
     )
-    parser.add_argument("--output", required=True, help="folder for the shards and manifest.json")
+    parser.add_argument("--output", required=True, help="folder for the shards, manifest.json and the dataset")
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="then upload the dataset (card, manifest, Parquet) to this Hub repo"
+    )
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     parser.add_argument(
         "--source", action="append", help=f"only prompts of this source, repeatable ({', '.join(KNOWN_SOURCES)})"
     )
@@ -37,9 +59,11 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     parser.add_argument("--shard-size", type=int, default=1000, help="rows per shard file")
-    parser.add_argument("--base", help="base model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", help=BASE_HELP)
+    add_gguf_file_argument(parser)
     add_dtype_argument(parser)
     add_device_argument(parser)
+    add_source_arguments(parser, "--prompts")
     parser.set_defaults(func=cmd_distill)
 
 
@@ -57,14 +81,14 @@ def cmd_distill(args: argparse.Namespace) -> None:
     try:
         # Checked before the model loads, which can take half a minute.
         check_options(**options)
-        if not Path(args.prompts).is_file():
-            raise DistillError(
-                f"Prompts file {args.prompts} not found (the default, {DEFAULT_PROMPTS}, is relative to the current "
-                "directory): pass --prompts PATH."
-            )
+        if args.prompts is None:
+            raise DistillError(NO_PROMPTS)
+        read_prompts(args.prompts, source_options(args), error=DistillError, what="Prompts")
         device = resolve_device(args.device)
-        model, tokenizer, model_name = load_base(args.base, parse_dtype(args.dtype))
-        model.to(device)
+        # One process, or those of `accelerate launch` / `torchrun` (each on its own GPU): refused if they are apart.
+        processes = launched_processes(cpu=device.type == "cpu", error=DistillError)
+        model, tokenizer, model_name = load_base(args.base, parse_dtype(args.dtype), args.gguf_file)
+        model.to(processes.device if processes.num_processes > 1 else device)
         result = distill(
             model,
             tokenizer,
@@ -74,8 +98,28 @@ def cmd_distill(args: argparse.Namespace) -> None:
             langs=args.lang,
             seed=args.seed,
             model_name=model_name,
+            prompt_options=source_options(args),
             **options,
         )
+        if processes.is_main_process:
+            export_dataset(args.output)  # the shards as Parquet files with a dataset card: `load_dataset(OUTPUT)`
     except DistillError as error:
         raise SystemExit(f"fastmtp distill: error: {error}") from None
+    if not processes.is_main_process:
+        return  # the main process reports (and uploads) for all
     print(result.summary())
+    if args.push_to_hub:
+        print(f"Uploaded to {upload(args.output, args.push_to_hub, args.private)}")
+
+
+def upload(folder: str, repo_id: str, private: bool) -> str:
+    """`--push-to-hub`: the dataset repo's URL; a failure keeps the data and says how to retry."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return push_to_hub(folder, repo_id, private=private or None)
+    except (HfHubHTTPError, ConnectionError) as error:
+        raise SystemExit(
+            f"fastmtp distill: error: uploading {folder} to {repo_id} failed ({error}). The data is safe in {folder}: "
+            "rerun the same command to upload it (nothing is generated again)."
+        ) from None

@@ -7,7 +7,9 @@ import dataclasses
 
 from ..embedded import load_base
 from ..training import TrainError
+from ..training.processes import launched_processes
 from ..training.train import HIDDEN_DTYPES, LABELS, TrainConfig, format_validation, train
+from .args import BASE_HELP, add_gguf_file_argument
 
 
 def register_cli(commands: argparse._SubParsersAction) -> None:
@@ -21,14 +23,19 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         formatter_class=_DefaultsHelpFormatter,
     )
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", metavar="DIR", help="folder written by `fastmtp distill`")
+    data.add_argument(
+        "--data",
+        metavar="DIR_OR_ID",
+        help="`fastmtp distill` output: its folder, a dataset folder or file of its rows, or a Hub dataset id",
+    )
     data.add_argument(
         "--reference-data",
         metavar="PATH",
         help="instead: prompts JSONL with prompt and reference fields (the paper's fixed-data ablation)",
     )
     parser.add_argument("--output", metavar="DIR", required=True, help="hidden-state cache, checkpoints, log, head")
-    parser.add_argument("--base", metavar="PATH_OR_ID", help="base model (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", metavar="PATH_OR_ID", help=BASE_HELP)
+    add_gguf_file_argument(parser)
     parser.add_argument(
         "-k", "--num-draft-tokens", metavar="K", type=int, default=defaults.num_draft_tokens, help="recursive steps"
     )
@@ -114,10 +121,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = TrainConfig(**{name: getattr(args, name) for name in names})
     try:
         config.check()  # before the model loads, which can take half a minute
-        base, tokenizer, name = load_base(args.base)  # float32: AdamW keeps float32 master weights
+        processes = launched_processes(error=TrainError)  # so is a launch whose processes would each train alone
+        # float32: AdamW keeps float32 master weights
+        base, tokenizer, name = load_base(args.base, gguf_file=args.gguf_file)
         result = train(base, tokenizer, config, base_model_name_or_path=name)
     except TrainError as error:
         raise SystemExit(f"fastmtp train: error: {error}") from None
+    if not processes.is_main_process:
+        return  # the main process saved the head and reports
     final = result.summary.get("final_validation")
     if final:
         print(format_validation(final))

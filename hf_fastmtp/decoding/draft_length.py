@@ -15,8 +15,8 @@ starts from the head's measured acceptance (`FastMTPConfig.draft_acceptance`, wr
 cycles of this call, as a running average that starts from that prior. Plain steps teach it nothing, so after
 `PROBE_AFTER` of them in a row (more where a probe costs more, see `probe_due`) one cycle drafts a token, to see
 whether the text has become easier to draft, unless drafting could not pay even if every draft were accepted (a large
-batch, where verification is compute-bound). The
-choice reads only past cycles, never a draft, so speculative sampling stays exact.
+batch, where verification is compute-bound). A batch's first cycle at each batch size is a plain step, which times
+V(B) for the call. The choice reads only past cycles, never a draft, so speculative sampling stays exact.
 """
 
 from __future__ import annotations
@@ -124,6 +124,11 @@ class AutoDraftLength:
         return rates
 
     def __call__(self, stats: FastMTPStats, batch_size: int = 1) -> int:
+        if batch_size > 1 and batch_size not in self.observed:
+            # A batch's plain step is timed before drafts are weighed against it: the calibration timed one row's
+            # forwards, which scaled to a batch misjudge what drafts add (a plain step costs what plain decoding does).
+            self.plain_steps_in_a_row += 1
+            return 0
         draft_step_seconds = self.draft_step_cost(stats)
         rates = self.expected_rates(self.acceptance(stats), draft_step_seconds, batch_size)
         k = max(range(len(rates)), key=rates.__getitem__)

@@ -41,7 +41,7 @@ MIMO_FILE_PATTERNS = [
     "*freq_*.pt",
 ]
 HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token")
-# Bases SGLang's MiMo MTP path can serve: MiMo's own architecture.
+# Bases SGLang's (and vLLM's) MiMo MTP paths can serve: MiMo's own architecture (their MTP layer is a Qwen2 layer).
 SGLANG_BASE_TYPES = ("qwen2",)
 
 

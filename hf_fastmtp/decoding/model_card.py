@@ -147,6 +147,14 @@ Without hf_fastmtp installed, Transformers loads it with the code in this repo:
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)
+```
+
+Or on a model you have already loaded, as a Transformers `custom_generate` repo (the head loads once per model):
+
+```python
+model = AutoModelForCausalLM.from_pretrained("{base or "BASE_MODEL"}")
+output = model.generate(**inputs, max_new_tokens=256, custom_generate="{repo_id}", trust_remote_code=True)
+model.last_fastmtp_stats  # tau and acceptance of that call
 ```"""
     if config.draft_vocab_maps:
         text += (

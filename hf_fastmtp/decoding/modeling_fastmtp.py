@@ -32,6 +32,7 @@ from .cpu_kernels import CPUKernels, KernelChoice, is_cpu_float32
 from .draft_length import AutoDraftLength, FixedDraftLength
 from .draft_vocab import DraftVocabularies, DraftVocabulary, detect_language, last_user_message, load_vocab_map
 from .draft_weights import draft_linear
+from .generate_with_head import save_custom_generate
 from .hub_files import (
     HEAD_PREFIX,
     HEAD_WEIGHTS_NAME,
@@ -48,7 +49,12 @@ from .model_card import write_model_card
 from .mtp_head import FastMTPHead
 from .speculative_decoding import fastmtp_decoding
 from .stats import FastMTPStats
-from .transformers_compat import cache_keyword, custom_generate_call, without_loader_internals
+from .transformers_compat import (
+    cache_keyword,
+    custom_generate_call,
+    list_as_text_generation_model,
+    without_loader_internals,
+)
 
 
 class HeadMismatchError(ValueError):
@@ -199,8 +205,9 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> None:
         """
         Writes a head-only folder: config (with `auto_map`), the code to load it, head weights, generation config,
-        the vocabulary maps (written under `vocab/`) and a model card (README.md; `model_card_extra` as in
-        `model_card.model_card`).
+        the vocabulary maps (written under `vocab/`), a model card (README.md; `model_card_extra` as in
+        `model_card.model_card`) and `custom_generate/`, with which any copy of the base model drafts with this head
+        (`base.generate(..., custom_generate=folder_or_repo, trust_remote_code=True)`).
         """
         save_directory = Path(save_directory)
         if save_directory.is_file():
@@ -211,6 +218,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.register_for_auto_class()
         # Copies this module, its relative imports and the config's module into the folder and fills `auto_map`.
         custom_object_save(self, save_directory, config=self.config)
+        save_custom_generate(save_directory)
         # The folder's config names its own copies of the maps.
         config = copy.deepcopy(self.config)
         config.draft_vocab_maps = save_vocab_maps(self.draft_vocab_maps, save_directory)
@@ -347,11 +355,15 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         """
         One application of the head to pairs (h_j, t_{j+1}) at positions j. Returns g, whose lm_head logits predict
         t_{j+2} and which is the next recursive step's h. Used alike by drafting and by training.
+
+        The token embedding at position 0 is zeroed, as MiMo's MTP layer does in SGLang and vLLM: a head then drafts
+        the same here as when those engines serve its export (see `zero_first_position`).
         """
         head_device = self.head.input_proj.weight.device
-        token_embeddings = self.get_input_embeddings()(input_ids).to(head_device)
         hidden_states = hidden_states.to(head_device)
         position_ids = position_ids.to(head_device)
+        token_embeddings = self.get_input_embeddings()(input_ids).to(head_device)
+        token_embeddings = zero_first_position(token_embeddings, position_ids)
         rotary = self.get_decoder().rotary_emb
         if self._rope_layer_type is None:
             position_embeddings = rotary(token_embeddings, position_ids)
@@ -616,6 +628,14 @@ def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfi
         raise ValueError("fastmtp=True needs the KV cache: do not pass use_cache=False.")
 
 
+def zero_first_position(token_embeddings: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+    """
+    `token_embeddings` with the pair at position 0 zeroed, as SGLang's and vLLM's MiMo MTP layers do: heads trained
+    and drafting here then compute what those engines compute for them (tests/fixtures/mimo_mtp_engines.json).
+    """
+    return token_embeddings.masked_fill((position_ids == 0).unsqueeze(-1), 0)
+
+
 def head_rope_layer_type(rotary_embedding: nn.Module, base_config) -> str | None:
     """For bases with one rotary embedding per attention type (Gemma-3): the full-attention one, if the base has it."""
     if "layer_type" not in inspect.signature(rotary_embedding.forward).parameters:
@@ -627,5 +647,9 @@ def head_rope_layer_type(rotary_embedding: nn.Module, base_config) -> str | None
 def prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{name}": tensor for name, tensor in module.state_dict().items()}
 
+
+# So that `pipeline("text-generation", model=...)` takes the model without logging an error, also where it was loaded
+# as a head repo's remote code.
+list_as_text_generation_model(FastMTPConfig.model_type, FastMTPForCausalLM.__name__)
 
 __all__ = ["FastMTPForCausalLM", "HeadMismatchError"]

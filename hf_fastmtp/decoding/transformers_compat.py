@@ -72,18 +72,22 @@ def pad_token_id(generation_config: GenerationConfig) -> int:
 
 def shift_cache_rows(cache, shifts: list[int]) -> None:
     """
-    `DynamicLayer.keys` / `.values`: moves row b of every layer right by `shifts[b]` slots; the slots it leaves on the
-    left keep stale states, which the attention mask hides. For caches whose layers keep every slot (no sliding-window
-    layer, which keeps only its window).
+    `DynamicLayer.keys` / `.values`: moves row b of every layer right by `shifts[b]` slots, in place, copying only the
+    rows that move; the slots a row leaves on the left keep stale states, which the attention mask hides. For caches
+    whose layers keep every slot (no sliding-window layer, which keeps only its window).
     """
+    rows_by_shift: dict[int, list[int]] = {}
+    for row, shift in enumerate(shifts):
+        if shift:
+            rows_by_shift.setdefault(shift, []).append(row)
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
             continue
-        length = layer.keys.shape[-2]
-        moved = torch.tensor(shifts, device=layer.keys.device)
-        index = (torch.arange(length, device=layer.keys.device) - moved[:, None]).clamp(min=0)[:, None, :, None]
-        layer.keys = layer.keys.gather(-2, index.expand_as(layer.keys))
-        layer.values = layer.values.gather(-2, index.expand_as(layer.values))
+        for shift, rows in rows_by_shift.items():
+            index = torch.tensor(rows, device=layer.keys.device)
+            for states in (layer.keys, layer.values):
+                # (Indexing by rows copies the source first, so the overlapping move reads no moved slot.)
+                states[index, :, shift:] = states[index, :, :-shift]
 
 
 def decoder_only_output(sequences: torch.LongTensor, scores, logits, cache) -> GenerateDecoderOnlyOutput:
@@ -173,6 +177,18 @@ def without_loader_internals(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if not key.startswith("_")}
 
 
+def list_as_text_generation_model(model_type: str, class_name: str) -> None:
+    """
+    Lists `class_name` among the models `pipeline("text-generation")` supports. The pipeline checks the model's class
+    name against `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (not against `AutoModelForCausalLM.register`'s classes) and
+    logs an error for any other class, although it generates with it all the same. (Module-level mapping of
+    `transformers.models.auto.modeling_auto`, read in 5.20 to 5.25.)
+    """
+    from transformers.models.auto import modeling_auto
+
+    modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(model_type, class_name)
+
+
 def check_transformers_internals() -> list[str]:
     """What the installed Transformers lacks of the above, each naming the internal and the version ([]: none)."""
     version = f"transformers {transformers.__version__}"
@@ -193,6 +209,12 @@ def check_transformers_internals() -> list[str]:
     generate_parameters = inspect.signature(transformers.GenerationMixin.generate).parameters
     if "custom_generate" not in generate_parameters:
         problems.append(f"GenerationMixin.generate takes no `custom_generate` in {version}")
+    from transformers.models.auto import modeling_auto
+
+    if not isinstance(getattr(modeling_auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", None), dict):
+        problems.append(
+            f"transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES is gone in {version}"
+        )
     return problems
 
 
@@ -208,6 +230,7 @@ __all__ = [
     "ignoring_unexpected_weights",
     "initialize_weights",
     "last_hidden_state_only",
+    "list_as_text_generation_model",
     "pad_token_id",
     "shift_cache_rows",
     "set_attn_implementation_of_this_config",

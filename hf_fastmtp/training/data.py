@@ -17,7 +17,8 @@ from transformers import (
 from ..jsonl import iter_json_lines
 from ..prompts import encode_chat
 from . import TrainError
-from .distill import DistillError, iter_distilled, read_manifest, tokenizer_fingerprint
+from .distill import DistillError, tokenizer_fingerprint
+from .distilled_dataset import open_distilled
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +51,32 @@ class DataReport:
     dropped_no_response: int = 0
     dropped_too_long: int = 0
     sources: list[str] = field(default_factory=list)  # the prompts' datasets, for the model card
+    manifest: dict | None = None  # the distill manifest (model, sampling) when the data has one
 
 
 def load_distilled_examples(
-    folder: str | os.PathLike,
+    data: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase,
     *,
     max_rows: int | None = None,
     max_seq_len: int,
 ) -> tuple[list[Example], DataReport]:
-    """Rows of a `fastmtp distill` folder, refused if they were made with another tokenizer."""
+    """
+    Rows of a `fastmtp distill` folder, a dataset folder or file of its rows, or a Hub dataset id of them (what
+    `fastmtp distill --push-to-hub` uploads), refused if their manifest names another tokenizer.
+    """
     try:
-        manifest = read_manifest(folder)
-        check_tokenizer(manifest, tokenizer, folder)
+        rows_iter, manifest = open_distilled(data)
+        if manifest is not None:
+            check_tokenizer(manifest, tokenizer, data)
+        else:
+            logger.warning(
+                "%s has no manifest.json: the tokenizer its token ids were made with cannot be checked, only that "
+                "they fit this vocabulary.",
+                data,
+            )
         rows, sources = [], set()
-        for row in iter_distilled(folder):
+        for row in rows_iter:
             if max_rows is not None and len(rows) == max_rows:
                 break
             rows.append((str(row["id"]), row["prompt_ids"], row["response_ids"]))
@@ -76,9 +88,11 @@ def load_distilled_examples(
         for name, ids in (("prompt_ids", prompt_ids), ("response_ids", response_ids)):
             if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
                 raise TrainError(
-                    f"{folder}: row {row_id!r} has malformed {name} (not a list of token ids < {vocab_size})."
+                    f"{data}: row {row_id!r} has malformed {name} (not a list of token ids < {vocab_size})."
                 )
-    return build_examples(rows, max_seq_len, sources)
+    examples, report = build_examples(rows, max_seq_len, sources)
+    report.manifest = manifest
+    return examples, report
 
 
 def check_tokenizer(manifest: dict, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> None:

@@ -5,7 +5,10 @@ training data, so that the head learns the distribution it will have to predict.
 An output folder holds:
     manifest.json        model, tokenizer fingerprint, sampling settings and counts
     shard-00000.jsonl    one row per answer: id, source, lang, prompt, prompt_ids, response_ids, response, finished
+                         (shard-rank1-00000.jsonl: the shards of process 1 of several, `accelerate launch`/`torchrun`)
     duplicates.jsonl     ids whose answer repeated an earlier one, so that reruns do not answer them again
+    data/*.parquet, README.md   the rows as a Hugging Face dataset with its card, written from the shards by
+                         `distilled_dataset.export_dataset` (`fastmtp distill` runs it at the end)
 
 Rows are appended a batch at a time with one write and an fsync, and the folder's state is rebuilt from the files on
 every start: an interrupted run loses at most the batch in flight, and rerunning the same command resumes it.
@@ -16,14 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import (
     DynamicCache,
@@ -35,16 +42,18 @@ from transformers import (
 )
 
 from ..decoding.transformers_compat import cache_keyword
-from ..jsonl import append_rows, iter_json_lines, iter_rows, read_json, read_rows, write_json
+from ..jsonl import append_rows, iter_rows, read_json, read_rows, write_json
+from ..prompt_sources import DEFAULT_SOURCE_OPTIONS, SourceOptions, read_prompts, with_languages
 from ..prompts import encode_chat
 from ..run_settings import open_run_folder
+from .processes import launched_processes, on_main_process
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = Path("..", "shared", "data", "distill_prompts.jsonl")
 KNOWN_SOURCES = ("alpaca_en", "alpaca_zh", "gsm8k_train", "code_alpaca")
 MANIFEST_NAME = "manifest.json"
 DUPLICATES_NAME = "duplicates.jsonl"
+SHARD_NAME = re.compile(r"shard-(?:rank(\d+)-)?(\d+)\.jsonl")
 FORMAT_VERSION = 1
 PROMPT_FIELDS = ("id", "source", "lang", "prompt")
 ROW_FIELDS = ("id", "source", "lang", "prompt", "prompt_ids", "response_ids", "response", "finished")
@@ -99,14 +108,22 @@ def distill(
     shard_size: int = 1000,
     model_name: str | None = None,
     progress: bool = True,
+    prompt_options: SourceOptions = DEFAULT_SOURCE_OPTIONS,
 ) -> DistillResult:
     """
     Answers the selected prompts of `prompts_file` with `model` and appends the answers to `output_dir`.
+
+    `prompts_file` is a JSONL file, a dataset folder or file, or a Hub dataset id, read with `prompt_options`
+    (`prompt_sources.read_prompts`). `distilled_dataset.export_dataset(output_dir)` then makes the folder a dataset
+    that `datasets.load_dataset` reads.
 
     Prompts already answered there are skipped, so the same call resumes an interrupted run. Batch `i` of the
     selection is always sampled with the same seed, which makes a resumed run give the same rows as an uninterrupted
     one. `temperature=0` is greedy decoding. `model_name` (default: the model's `name_or_path`) goes into the
     manifest.
+
+    Under `accelerate launch` or `torchrun` (`ACCELERATE_USE_CPU=1` on CPUs) the processes answer every N-th batch
+    each, with `model` on their own device, and write the rows that one process writes with the same batch size.
     """
     check_options(
         num_prompts=num_prompts,
@@ -118,7 +135,7 @@ def distill(
         max_prompt_tokens=max_prompt_tokens,
         shard_size=shard_size,
     )
-    selection = select_prompts(load_prompts(prompts_file), sources, langs, num_prompts, seed)
+    selection = select_prompts(load_prompts(prompts_file, prompt_options), sources, langs, num_prompts, seed)
     eos_ids, pad_id = _eos_and_pad_ids(model, tokenizer)
     output_dir = Path(output_dir)
     identity = {
@@ -129,6 +146,7 @@ def distill(
     }
     run = {
         "prompts_file": str(prompts_file),
+        **({"prompt_options": prompt_options.to_dict()} if prompt_options.to_dict() else {}),
         "sources": sorted(sources) if sources else None,
         "langs": sorted(langs) if langs else None,
         "num_prompts": num_prompts,
@@ -137,41 +155,57 @@ def distill(
         "max_prompt_tokens": max_prompt_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
     }
-    manifest = _open_folder(output_dir, identity, run)
-    written = _Written.scan(output_dir, shard_size)
+    processes = launched_processes(error=DistillError)  # one, or those of `accelerate launch` / `torchrun`
+    rank, num_processes = processes.process_index, processes.num_processes
+    # The main process owns the files that the processes share (manifest, duplicates); each appends to its own shards.
+    manifest = on_main_process(lambda: _open_folder(output_dir, identity, run))
+    written = _Written.scan(output_dir, shard_size, shard_rank=rank if num_processes > 1 else None)
 
+    # Whole batches go round-robin to the processes. Batch i is sampled with its own seed whichever process answers
+    # it, so that N processes write the rows that one writes with the same batch size.
     batches = [selection[start : start + batch_size] for start in range(0, len(selection), batch_size)]
-    todo, skipped = _encode_pending(tokenizer, batches, written.ids, max_prompt_tokens)
+    pending = [index for index, batch in enumerate(batches) if any(p["id"] not in written.ids for p in batch)]
+    mine, skipped_here = _encode_pending(
+        tokenizer, batches, pending[rank::num_processes], written.ids, max_prompt_tokens
+    )
+    # Also where every process has read the folder, before any of them appends to it.
+    shares = gather_object([(skipped_here, sum(len(batch) for _, batch in mine))])
+    skipped, total = (sum(column) for column in zip(*shares))
     if skipped:
         logger.warning("Skipping %d prompts longer than %d tokens (--max-prompt-tokens).", skipped, max_prompt_tokens)
     manifest["counts"] = written.counts(skipped)
-    write_json(output_dir / MANIFEST_NAME, manifest)
+    if processes.is_main_process:
+        write_json(output_dir / MANIFEST_NAME, manifest)
 
     result = DistillResult(output_dir, manifest, skipped_too_long=skipped)
     start = time.perf_counter()
-    with tqdm(total=sum(len(batch) for _, batch in todo), unit="prompt", desc="distill", disable=not progress) as bar:
-        for index, batch in todo:
-            choose = _token_chooser(temperature, top_k, top_p, _batch_seed(seed, index), model.device)
-            answers = _answer(model, batch, choose, eos_ids, pad_id, max_new_tokens)
-            rows = [
-                {
-                    **prompt,
-                    "response_ids": ids,
-                    "response": tokenizer.decode(ids, skip_special_tokens=True),
-                    "finished": finished,
-                }
-                for prompt, (ids, finished) in zip(batch, answers, strict=True)
-            ]
-            kept, duplicates = written.add(rows)
+    bar = tqdm(total=total, unit="prompt", desc="distill", disable=not (progress and processes.is_main_process))
+    with bar:
+        for round_index in range(math.ceil(len(pending) / num_processes)):
+            index, batch = mine[round_index] if round_index < len(mine) else (None, [])
+            rows = []
+            if batch:
+                choose = _token_chooser(temperature, top_k, top_p, _batch_seed(seed, index), model.device)
+                rows = _answer_rows(model, tokenizer, batch, choose, eos_ids, pad_id, max_new_tokens)
+            # Every process counts the answers of all, in batch order: they drop the duplicates that one process would.
+            answered = gather_object([_Answer.of(row) for row in rows])
+            duplicates = written.record(answered)
+            dropped = {duplicate["id"] for duplicate in duplicates}
+            written.append([row for row in rows if row["id"] not in dropped])
+            processes.wait_for_everyone()  # the round's rows are all written before the shared files count them
             manifest["counts"] = written.counts(skipped)
-            write_json(output_dir / MANIFEST_NAME, manifest)
+            if processes.is_main_process:
+                # After the rows: if a crash falls in between, the duplicates are merely answered again.
+                if duplicates:
+                    append_rows(output_dir / DUPLICATES_NAME, duplicates)
+                write_json(output_dir / MANIFEST_NAME, manifest)
 
-            result.new_rows += len(kept)
-            result.new_response_tokens += sum(len(row["response_ids"]) for row in kept)
-            result.generated_tokens += sum(len(ids) for ids, _ in answers)
-            result.duplicates_dropped += len(duplicates)
+            result.new_rows += len(answered) - len(dropped)
+            result.new_response_tokens += sum(answer.tokens for answer in answered if answer.id not in dropped)
+            result.generated_tokens += sum(answer.tokens for answer in answered)
+            result.duplicates_dropped += len(dropped)
             result.seconds = time.perf_counter() - start
-            bar.update(len(batch))
+            bar.update(len(answered))
             bar.set_postfix_str(f"{result.generated_tokens / result.seconds:.1f} tok/s")
     return result
 
@@ -206,23 +240,13 @@ def check_options(
         raise DistillError(f"top_p must be in (0, 1], got {top_p}.")
 
 
-def load_prompts(path: str | os.PathLike) -> list[dict]:
-    """The rows of a prompts JSONL file (`id`, `source`, `lang`, `prompt`), checked line by line."""
-    prompts, line_of_id = [], {}
-    for number, row in iter_json_lines(path, DistillError, "Prompts file"):
-        if not isinstance(row, dict) or not all(isinstance(row.get(name), str) for name in PROMPT_FIELDS):
-            raise DistillError(f"{path}, line {number}: needs the string fields {', '.join(PROMPT_FIELDS)}.")
-        if not row["prompt"].strip():
-            raise DistillError(f"{path}, line {number}: the prompt is empty.")
-        if row["id"] in line_of_id:
-            raise DistillError(
-                f"{path}, line {number}: id {row['id']!r} is already used on line {line_of_id[row['id']]}."
-            )
-        line_of_id[row["id"]] = number
-        prompts.append({name: row[name] for name in PROMPT_FIELDS})
-    if not prompts:
-        raise DistillError(f"Prompts file {path} is empty.")
-    return prompts
+def load_prompts(source: str | os.PathLike, options: SourceOptions = DEFAULT_SOURCE_OPTIONS) -> list[dict]:
+    """
+    The prompts of a JSONL file, dataset folder or file, or Hub dataset id, as `id`, `source`, `lang`, `prompt`
+    strings; `lang` is None where the data does not give it (`select_prompts` detects it where it is needed).
+    """
+    rows = read_prompts(source, options, error=DistillError, what="Prompts")
+    return [{name: None if row[name] is None else str(row[name]) for name in PROMPT_FIELDS} for row in rows]
 
 
 def select_prompts(
@@ -238,10 +262,12 @@ def select_prompts(
     The shuffle mixes sources and languages, so that a run stopped early still has a representative sample, and a
     larger N with the same seed extends a smaller one instead of replacing it.
     """
-    order = list(prompts)
+    # Languages that the data does not give are detected for the prompts that need one: all to filter, else the chosen.
+    everything = with_languages(prompts) if langs else list(prompts)
+    order = list(everything)
     for name, wanted in (("source", sources), ("lang", langs)):
         if wanted:
-            available = {prompt[name] for prompt in prompts}
+            available = {prompt[name] for prompt in everything}
             if unknown := set(wanted) - available:
                 raise DistillError(f"No prompt has {name} {sorted(unknown)}; the prompts have {sorted(available)}.")
             order = [prompt for prompt in order if prompt[name] in wanted]
@@ -252,7 +278,7 @@ def select_prompts(
         if num_prompts > len(order):
             raise DistillError(f"num_prompts is {num_prompts}, but only {len(order)} prompts match the filters.")
         order = order[:num_prompts]
-    return order
+    return with_languages(order)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -277,7 +303,7 @@ def selected_prompt_ids(folder: str | os.PathLike) -> set[str]:
     manifest = read_manifest(folder)
     ids = {str(row["id"]) for row in iter_distilled(folder)}
     for run in manifest.get("runs", []):
-        prompts = load_prompts(run["prompts_file"])
+        prompts = load_prompts(run["prompts_file"], SourceOptions(**run.get("prompt_options", {})))
         selection = select_prompts(prompts, run["sources"], run["langs"], run["num_prompts"], run["seed"])
         ids.update(prompt["id"] for prompt in selection)
     return ids
@@ -302,10 +328,14 @@ def iter_distilled(folder: str | os.PathLike) -> Iterator[dict]:
 
 @dataclass
 class _Written:
-    """What the output folder holds, rebuilt from its files on every start so that it survives any crash."""
+    """
+    What the output folder holds, rebuilt from its files on every start so that it survives any crash. Every process
+    counts all rows (its own and the others'); it appends only to its own shards (`shard_rank`, None for one process).
+    """
 
     folder: Path
     shard_size: int
+    shard_rank: int | None = None
     ids: set[str] = field(default_factory=set)
     response_owner: dict[int, str] = field(default_factory=dict)  # hash of response_ids -> id of the row kept
     rows: int = 0
@@ -316,35 +346,32 @@ class _Written:
     rows_in_shard: int = 0
 
     @classmethod
-    def scan(cls, folder: Path, shard_size: int) -> _Written:
-        written = cls(folder, shard_size)
+    def scan(cls, folder: Path, shard_size: int, shard_rank: int | None = None) -> _Written:
+        written = cls(folder, shard_size, shard_rank)
         for path in _shard_paths(folder):
             rows = read_rows(path, ROW_FIELDS, DistillError)
             for row in rows:
-                written._count(row)
-            written.shard_index, written.rows_in_shard = int(path.stem.removeprefix("shard-")), len(rows)
+                written._count(_Answer.of(row))
+            rank, index = _shard_key(path)
+            if rank == (-1 if shard_rank is None else shard_rank):  # where this process goes on appending
+                written.shard_index, written.rows_in_shard = index, len(rows)
         for duplicate in read_rows(folder / DUPLICATES_NAME, DUPLICATE_FIELDS, DistillError):
             written.ids.add(duplicate["id"])
             written.duplicates += 1
         return written
 
-    def add(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Appends the rows whose response is new; records the others as duplicates. Returns both lists."""
-        kept, duplicates = [], []
-        for row in rows:
-            owner = self.response_owner.get(hash(tuple(row["response_ids"])))
+    def record(self, answers: Sequence[_Answer]) -> list[dict]:
+        """Counts the answers in order; returns a duplicate record for each one that repeats an earlier response."""
+        duplicates = []
+        for answer in answers:
+            owner = self.response_owner.get(answer.key)
             if owner is None:
-                self._count(row)
-                kept.append(row)
+                self._count(answer)
             else:
-                self.ids.add(row["id"])
+                self.ids.add(answer.id)
                 self.duplicates += 1
-                duplicates.append({"id": row["id"], "duplicate_of": owner})
-        self._append_to_shards(kept)
-        # Written after the rows: if a crash falls in between, the duplicates are merely answered again.
-        if duplicates:
-            append_rows(self.folder / DUPLICATES_NAME, duplicates)
-        return kept, duplicates
+                duplicates.append({"id": answer.id, "duplicate_of": owner})
+        return duplicates
 
     def counts(self, skipped_too_long: int) -> dict[str, int]:
         return {
@@ -355,21 +382,35 @@ class _Written:
             "skipped_too_long": skipped_too_long,
         }
 
-    def _count(self, row: dict) -> None:
-        self.ids.add(row["id"])
-        self.response_owner.setdefault(hash(tuple(row["response_ids"])), row["id"])
-        self.rows += 1
-        self.response_tokens += len(row["response_ids"])
-        self.finished += bool(row["finished"])
-
-    def _append_to_shards(self, rows: list[dict]) -> None:
+    def append(self, rows: list[dict]) -> None:
+        """Appends rows to this process's shards, a new shard every `shard_size` rows."""
         while rows:
             if self.rows_in_shard >= self.shard_size:
                 self.shard_index, self.rows_in_shard = self.shard_index + 1, 0
             room = self.shard_size - self.rows_in_shard
-            append_rows(self.folder / f"shard-{self.shard_index:05d}.jsonl", rows[:room])
+            append_rows(self.folder / _shard_name(self.shard_index, self.shard_rank), rows[:room])
             self.rows_in_shard += len(rows[:room])
             rows = rows[room:]
+
+    def _count(self, answer: _Answer) -> None:
+        self.ids.add(answer.id)
+        self.response_owner.setdefault(answer.key, answer.id)
+        self.rows += 1
+        self.response_tokens += answer.tokens
+        self.finished += answer.finished
+
+
+class _Answer(NamedTuple):
+    """What every process learns of an answer that one of them made: enough to count it and to spot a duplicate."""
+
+    id: str
+    key: int  # a hash of the response ids
+    tokens: int
+    finished: bool
+
+    @classmethod
+    def of(cls, row: dict) -> _Answer:
+        return cls(row["id"], hash(tuple(row["response_ids"])), len(row["response_ids"]), bool(row["finished"]))
 
 
 def _open_folder(folder: Path, identity: dict, run: dict) -> dict:
@@ -387,13 +428,20 @@ def _open_folder(folder: Path, identity: dict, run: dict) -> dict:
 
 
 def _encode_pending(
-    tokenizer: PreTrainedTokenizerBase, batches: list[list[dict]], done: set[str], max_prompt_tokens: int
+    tokenizer: PreTrainedTokenizerBase,
+    batches: list[list[dict]],
+    indices: Sequence[int],
+    done: set[str],
+    max_prompt_tokens: int,
 ) -> tuple[list[tuple[int, list[dict]]], int]:
-    """`(batch index, prompts with prompt_ids)` for what is left to answer, and how many prompts were too long."""
+    """
+    `(batch index, prompts with prompt_ids)` for the prompts left to answer in each batch of `indices` (none, when
+    all of them are too long), and how many prompts were too long.
+    """
     todo, skipped = [], 0
-    for index, batch in enumerate(batches):
+    for index in indices:
         pending = []
-        for prompt in batch:
+        for prompt in batches[index]:
             if prompt["id"] in done:
                 continue
             prompt_ids = encode_chat(tokenizer, prompt["prompt"])["input_ids"][0].tolist()
@@ -401,9 +449,25 @@ def _encode_pending(
                 skipped += 1
             else:
                 pending.append({**prompt, "prompt_ids": prompt_ids})
-        if pending:
-            todo.append((index, pending))
+        todo.append((index, pending))
     return todo, skipped
+
+
+def _answer_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[dict],
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    eos_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+) -> list[dict]:
+    """The rows of a batch: each prompt with its answer."""
+    answers = _answer(model, batch, choose, eos_ids, pad_id, max_new_tokens)
+    return [
+        {**prompt, "response_ids": ids, "response": tokenizer.decode(ids, skip_special_tokens=True), "finished": done}
+        for prompt, (ids, done) in zip(batch, answers, strict=True)
+    ]
 
 
 def _eos_and_pad_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], int]:
@@ -520,8 +584,19 @@ def _answer(
     return [(ids, ids[-1] in eos_set) for ids in responses]
 
 
+def _shard_name(index: int, rank: int | None) -> str:
+    """`shard-00000.jsonl` for one process; process 1 of several appends to `shard-rank1-00000.jsonl` alone."""
+    return f"shard-{index:05d}.jsonl" if rank is None else f"shard-rank{rank}-{index:05d}.jsonl"
+
+
+def _shard_key(path: Path) -> tuple[int, int]:
+    """`(rank, index)` of a shard; rank -1 for the shards of a single process."""
+    rank, index = SHARD_NAME.fullmatch(path.name).groups()
+    return (-1 if rank is None else int(rank)), int(index)
+
+
 def _shard_paths(folder: Path) -> list[Path]:
-    return sorted(folder.glob("shard-*.jsonl"))
+    return sorted((path for path in folder.glob("shard-*.jsonl") if SHARD_NAME.fullmatch(path.name)), key=_shard_key)
 
 
 __all__ = [

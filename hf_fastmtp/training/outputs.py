@@ -24,7 +24,6 @@ from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 from ..jsonl import read_rows
 from ..run_settings import changed_settings
 from . import TrainError
-from .distill import read_manifest
 from .objective import loss_weights
 
 if TYPE_CHECKING:
@@ -166,8 +165,8 @@ def write_summary(
         "command": command_line(),
         "config": dataclasses.asdict(config),
     }
-    if config.data is not None:
-        manifest = read_manifest(config.data)
+    if data.report.manifest is not None:
+        manifest = data.report.manifest
         summary["distilled_by"] = {"model": manifest.get("model"), "sampling": manifest.get("sampling")}
     init_summary = Path(config.init) / SUMMARY_NAME
     if config.init not in ("random", "last-layer") and init_summary.is_file():

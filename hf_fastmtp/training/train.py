@@ -50,6 +50,7 @@ from ..decoding.configuration_fastmtp import check_num_draft_tokens
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 from ..decoding.transformers_compat import initialize_weights
 from ..jsonl import append_rows, write_rows
+from ..prompt_sources import looks_like_hub_id
 from . import TrainError
 from .data import DataReport, Example, is_validation, load_distilled_examples, load_reference_examples
 from .hidden_states import HiddenStateStore, LengthGroupedBatches, PairDataset, collate_pairs, precompute_hidden_states
@@ -66,6 +67,7 @@ from .outputs import (
     save_head,
     write_summary,
 )
+from .processes import launched_processes
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +117,11 @@ class TrainConfig:
         """Raises `TrainError` for an option out of range; cheap, so the CLI runs it before loading a model."""
         if (self.data is None) == (self.reference_data is None):
             raise TrainError("Give exactly one of --data (a `fastmtp distill` folder) and --reference-data (a JSONL).")
-        if self.data is not None and not Path(self.data).is_dir():
-            raise TrainError(f"--data folder {self.data} not found: run `fastmtp distill --output {self.data}` first.")
+        if self.data is not None and not Path(self.data).exists() and not looks_like_hub_id(self.data):
+            raise TrainError(
+                f"--data folder {self.data} not found: run `fastmtp distill --output {self.data}` first, or give a "
+                "dataset folder or file of its rows, or a Hub dataset id."
+            )
         if self.reference_data is not None and not Path(self.reference_data).is_file():
             raise TrainError(f"--reference-data file {self.reference_data} not found.")
         positive = {
@@ -194,12 +199,15 @@ def train(
     """
     Trains a FastMTP head for `base` (frozen) on `config.data` or `config.reference_data` and saves it in
     `config.output/head`. Rerunning with the same config resumes from the latest checkpoint in `config.output`.
-    Runs as is under `accelerate launch` on several processes (data-parallel).
+    Runs as is under `accelerate launch` or `torchrun` on several processes (data-parallel: each takes every N-th
+    batch, so that N processes train the head that one trains with N times the gradient accumulation).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     config.check()
+    # Refuses a launch whose processes would each train alone, all writing the same folder.
+    launched_processes(error=TrainError)
     Path(config.output).mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
