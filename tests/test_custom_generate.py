@@ -12,7 +12,7 @@ import huggingface_hub
 import pytest
 import torch
 from conftest import tiny_base, tiny_tokenizer
-from test_hub import COMMIT, lay_out_hub_cache, offline_hub, subprocess_env  # noqa: F401 (offline_hub: a fixture)
+from test_hub import COMMIT, WITHOUT_HF_FASTMTP, lay_out_hub_cache, offline_hub, subprocess_env  # noqa: F401 (offline_hub: a fixture)
 from test_stopping import WORDS
 from tokenizers import decoders
 from transformers import AutoModelForCausalLM
@@ -136,25 +136,9 @@ def test_a_repo_id_from_an_offline_hub_cache(head):
     assert base.last_fastmtp_stats.cycles > 0
 
 
-SCRIPT = """
-import importlib.abc, json, sys
-
-class HideHfFastmtp(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "hf_fastmtp":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, HideHfFastmtp())
-try:
-    import hf_fastmtp
-    raise SystemExit("hf_fastmtp is importable")
-except ModuleNotFoundError:
-    pass
-
-import torch
-from transformers import AutoModelForCausalLM
-
-torch.set_num_threads(1)
+SCRIPT = (
+    WITHOUT_HF_FASTMTP
+    + """
 base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 input_ids = torch.tensor([[5, 17, 3, 42, 8, 61, 2]])
 plain = base.generate(input_ids, do_sample=False, max_new_tokens=24)
@@ -165,6 +149,7 @@ for head in sys.argv[2:]:
 report["loaded"] = sorted(name for name in sys.modules if name.startswith("hf_fastmtp"))
 print(json.dumps(report))
 """
+)
 
 
 def test_without_hf_fastmtp_from_a_folder_and_an_offline_hub_cache(head, tmp_path):

@@ -370,7 +370,8 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-REMOTE_CODE_SCRIPT = """
+# A subprocess in which `import hf_fastmtp` fails: what the Hub's remote code must work without.
+WITHOUT_HF_FASTMTP = """
 import importlib.abc, json, sys
 
 class HideHfFastmtp(importlib.abc.MetaPathFinder):
@@ -389,6 +390,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 torch.set_num_threads(1)
+"""
+
+REMOTE_CODE_SCRIPT = (
+    WITHOUT_HF_FASTMTP
+    + """
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 input_ids = torch.tensor([[5, 17, 3, 42, 8]])
 plain = model.generate(input_ids, do_sample=False, max_new_tokens=15, fastmtp=False)
@@ -402,6 +408,7 @@ print(json.dumps({
     "loaded": sorted(name for name in sys.modules if name.startswith("hf_fastmtp")),
 }))
 """
+)
 
 
 def test_head_folder_loads_and_generates_without_hf_fastmtp(tmp_path):
