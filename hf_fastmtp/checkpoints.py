@@ -106,7 +106,23 @@ def write_mimo_checkpoint(
 
 
 def check_servable(model: FastMTPForCausalLM, engine: str) -> None:
-    """Both engines build MiMo's MTP layer around their Qwen2 decoder layer, so the base must be a Qwen2 model."""
+    """
+    Both engines build MiMo's MTP layer around their Qwen2 decoder layer, so the base must be a Qwen2 model, and the
+    head MiMo's: one layer reading the base's final hidden state.
+    """
+    config = model.config
+    if config.feature_layers is not None:
+        raise ValueError(
+            f"{engine} cannot serve this head: it reads the base's hidden states {config.feature_layers} "
+            "(feature_layers), and MiMo's MTP layer, which the export targets, reads the final hidden state only. "
+            "Serve it with `generate(fastmtp=True)` in Transformers."
+        )
+    if config.num_head_layers != 1:
+        raise ValueError(
+            f"{engine} cannot serve this head: it has {config.num_head_layers} decoder layers (num_head_layers), and "
+            "the export writes MiMo's single MTP layer (`model.mtp_layers.0`), which is all the engines' MiMo path "
+            "runs per draft step. Serve it with `generate(fastmtp=True)` in Transformers."
+        )
     model_type = model.model.config.model_type
     if model_type not in SGLANG_BASE_TYPES:
         raise ValueError(

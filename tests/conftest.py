@@ -34,6 +34,9 @@ from hf_fastmtp.decoding.cpu_kernels import (
     shape_name,
 )
 
+# One torch thread per test process: tiny models run fastest so, and `.ci/run` starts one pytest-xdist worker per core.
+torch.set_num_threads(1)
+
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
 # Transformers 5.23 added what one of FastMTP's savings asks for: keeping only the last hidden state of a forward
 # (`output_hidden_states=-1`). Earlier versions generate the same tokens without it; tests of the saving skip there.

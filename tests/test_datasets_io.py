@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import huggingface_hub
+import pyarrow.parquet
 import pytest
 import torch
 from conftest import tiny_tokenizer
@@ -251,6 +252,23 @@ def test_distill_output_loads_with_datasets(tiny, distilled, tmp_path):
     assert "| alpaca_zh | 2 | zh 2 | cc-by-nc-4.0 |" in card.text  # languages detected: the data had no lang column
     assert re.search(r"\| gsm8k_train \| 1 \| \w+ 1 \| mit \|", card.text)
     assert f"`{distilled.parent / 'prompts'}` (id_column=uid, messages_column=chat)" in card.text
+
+
+def test_a_folder_without_its_log_resumes_from_its_parquet_files(tiny, distilled, tmp_path):
+    """What a clone of committed data holds (manifest, card, Parquet files): distill restores the log and goes on."""
+    clone = tmp_path / "clone"
+    shutil.copytree(distilled, clone, ignore=shutil.ignore_patterns("shard-*.jsonl"))
+    assert (
+        pyarrow.parquet.ParquetFile(next(clone.glob("data/*.parquet"))).metadata.row_group(0).column(0).compression
+        == "ZSTD"
+    )
+    more = write_prompts(tmp_path / "more.jsonl", [("x-0", "x", "en", "Describe an atom.")])
+    result = distill(*tiny, more, clone, model_name="tiny", **FAST)
+    assert result.new_rows == 1  # the restored rows are not answered again
+    rows = list(iter_distilled(clone))
+    assert rows[:-1] == list(iter_distilled(distilled)) and rows[-1]["id"] == "x-0"
+    export_dataset(clone)
+    assert datasets.load_dataset(str(clone), split="train").to_list() == rows
 
 
 def test_train_reads_folder_parquet_and_hub_id(tiny, distilled, tmp_path, offline_caches):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +92,55 @@ def test_the_remote_code_set_imports_only_light_packages():
         assert heavy == set(), (name, heavy)
 
 
+# Imports each module in a child forked from one fresh interpreter holding only third-party packages, none of this
+# package: each module then imports alone, as in its own interpreter, without loading torch and Transformers each time.
+IMPORT_EACH_ALONE = """
+import json, os, sys, traceback
+import accelerate, datasets, huggingface_hub, safetensors, torch
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+failures = {}
+for name in json.loads(sys.argv[1]):
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.close(read)
+        try:
+            __import__(name)
+            os._exit(0)
+        except BaseException:
+            os.write(write, traceback.format_exc()[-2000:].encode())
+            os._exit(1)
+    os.close(write)
+    with os.fdopen(read) as message:
+        error = message.read()
+    if os.wait()[1] != 0:
+        failures[name] = error or "the import crashed the interpreter"
+print(json.dumps(failures))
+"""
+
+
+def import_each_alone(names: list[str]) -> dict[str, str]:
+    """Module name -> the error of importing it alone, for those that fail."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    command = [sys.executable, "-c", IMPORT_EACH_ALONE, json.dumps(names)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def import_failures() -> dict[str, str]:
+    return import_each_alone(sorted(MODULES))
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_every_module_imports_alone(name):
-    result = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_every_module_imports_alone(name, import_failures):
+    assert name not in import_failures, import_failures.get(name)
+
+
+def test_the_import_check_sees_a_failing_import():
+    failures = import_each_alone(["hf_fastmtp.no_such_module", "hf_fastmtp"])
+    assert (
+        list(failures) == ["hf_fastmtp.no_such_module"]
+        and "ModuleNotFoundError" in failures["hf_fastmtp.no_such_module"]
+    )

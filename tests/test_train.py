@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,13 +97,86 @@ def test_linear_cross_entropy_matches_autograd(monkeypatch, softcap):
     expected = F.cross_entropy(logits, labels, reduction="sum")
     (expected_grad,) = torch.autograd.grad(0.5 * expected, hidden)
 
-    loss, hits = LinearCrossEntropy.apply(hidden, weight, bias, labels, softcap, True)
+    loss, label_loss, hits = LinearCrossEntropy.apply(hidden, weight, bias, labels, softcap, True)
     (grad,) = torch.autograd.grad(0.5 * loss, hidden)
     torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(label_loss, expected)
     torch.testing.assert_close(grad, expected_grad)
     assert hits == (logits.argmax(dim=-1) == labels).sum() >= 3
     with pytest.raises(ValueError, match="frozen lm_head"):
         LinearCrossEntropy.apply(hidden, weight.requires_grad_(), bias, labels, softcap, True)
+
+
+def test_soft_targets_on_hand_computed_cases():
+    """Two vocabulary entries, logits chosen so that the softmaxes are simple: the loss and its gradient by hand."""
+    weight = torch.eye(2)  # logits = hidden
+    hidden = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], requires_grad=True)  # p = (1/2, 1/2) and (3/4, 1/4)
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # q = (3/4, 1/4) and (1/2, 1/2)
+    labels = torch.tensor([0, 1])
+    share = torch.tensor([0.5, 1.0])  # targets (7/8, 1/8) and (1/2, 1/2)
+    loss, label_loss, hits = LinearCrossEntropy.apply(hidden, weight, None, labels, None, True, teacher, share)
+    expected = -(7 / 8 * math.log(1 / 2) + 1 / 8 * math.log(1 / 2)) - (math.log(3 / 4) + math.log(1 / 4)) / 2
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    torch.testing.assert_close(label_loss, torch.tensor(-math.log(1 / 2) - math.log(1 / 4)))  # the labels alone
+    assert hits == 1  # row 1's argmax is 0, its label 1
+    (grad,) = torch.autograd.grad(loss, hidden)  # softmax - target
+    torch.testing.assert_close(grad, torch.tensor([[1 / 2 - 7 / 8, 1 / 2 - 1 / 8], [3 / 4 - 1 / 2, 1 / 4 - 1 / 2]]))
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_soft_targets_match_autograd(monkeypatch, softcap):
+    """Cross-entropy to (1 - w) one_hot + w softmax(teacher logits), across chunks, soft-capped or not."""
+    monkeypatch.setattr(objective_module, "CE_CHUNK_ROWS", 3)
+    torch.manual_seed(1)
+    weight, bias = torch.randn(50, 8), torch.randn(50)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    teacher, share = torch.randn(7, 8), torch.rand(7)
+    labels = torch.randint(0, 50, (7,))
+
+    def logits_of(states):
+        logits = F.linear(states, weight, bias)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    target = share[:, None] * logits_of(teacher).softmax(-1) + (1 - share[:, None]) * F.one_hot(labels, 50)
+    expected = F.cross_entropy(logits_of(hidden), target, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    loss, label_loss, _ = LinearCrossEntropy.apply(hidden, weight, bias, labels, softcap, True, teacher, share)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(label_loss, F.cross_entropy(logits_of(hidden), labels, reduction="sum"))
+
+
+def test_soft_target_weight_mixes_the_base_distribution_at_the_next_hidden_state():
+    """Weight 0 is the hard loss; weight 1 is the cross-entropy to softmax(lm_head(h_{p+1})), except at each
+    sequence's last pair (no h_{p+1}), which keeps its label; the logged cross-entropy is the labels' either way."""
+    model = tiny_fastmtp("llama")
+    torch.manual_seed(4)
+    examples = [Example(name, tuple(torch.randint(1, 97, (n,)).tolist()), 3) for name, n in (("a", 12), ("b", 9))]
+    hidden_size = model.config.text_config.hidden_size
+    batch = collate_pairs([(example, torch.randn(example.num_pairs, hidden_size)) for example in examples])
+    weights = [1.0, 0.0, 0.0]
+    with torch.no_grad():
+        hard_loss, hard_stats = FastMTPTrainingModule(model, weights)(**batch)
+        zero_loss, zero_stats = FastMTPTrainingModule(model, weights, soft_target_weight=0.0)(**batch)
+        soft_loss, soft_stats = FastMTPTrainingModule(model, weights, soft_target_weight=1.0)(**batch)
+        output = recursive_head_outputs(model, batch["hidden_states"], batch["input_ids"], batch["pair_mask"], 1)[0]
+    torch.testing.assert_close((zero_loss, zero_stats), (hard_loss, hard_stats))
+    torch.testing.assert_close(soft_stats, hard_stats)
+    lm_head = model.get_output_embeddings()
+    expected, count = 0.0, 0
+    for row, example in enumerate(examples):
+        for p in range(example.num_pairs):
+            label = int(batch["labels"][row, p])
+            if label == IGNORE_INDEX:
+                continue
+            log_probs = lm_head(output[row, p]).log_softmax(-1)
+            if p + 1 < example.num_pairs:
+                expected -= (lm_head(batch["hidden_states"][row, p + 1]).softmax(-1) * log_probs).sum()
+            else:
+                expected -= log_probs[label]
+            count += 1
+    torch.testing.assert_close(soft_loss, expected / count)
 
 
 def test_base_greedy_labels_replace_the_data_labels_where_a_next_hidden_state_exists():
@@ -476,7 +550,7 @@ def test_runs_on_the_same_data_share_a_hidden_state_cache(tiny, tmp_path, monkey
         {"init": "last-layer"},
         {"lora_rank": 2},
         {"loss_weights": [1.0, 0.0, 0.0]},
-        {"labels": "base", "feature_weight": 1.0},
+        {"labels": "base", "feature_weight": 1.0, "soft_target_weight": 0.5},
     ],
 )
 def test_other_initialisations_lora_and_vanilla_weights(tiny, tmp_path, options):
@@ -588,6 +662,7 @@ def test_options_are_checked_before_loading(tmp_path):
         ({"init": str(tmp_path)}, "--init must be"),
         ({"labels": "argmax"}, "labels must be one of data, base"),
         ({"feature_weight": -1.0}, "feature_weight must be >= 0"),
+        ({"soft_target_weight": 1.5}, r"soft_target_weight must be in \[0, 1\]"),
     ]:
         with pytest.raises(TrainError, match=message):
             TrainConfig(output=str(tmp_path / "out"), **{"data": str(tmp_path), **overrides}).check()

@@ -66,6 +66,22 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         "or a head folder to continue from",
     )
     parser.add_argument(
+        "--feature-layers",
+        metavar="I",
+        type=int,
+        nargs="+",
+        help="EAGLE-3-style head: its first draft step reads a learned fusion of these base hidden states (indices "
+        "into the base's hidden_states: 0 the embeddings, i after decoder layer i, -1 the final one, which must come "
+        "last), e.g. 3 15 -1; with --init HEAD the fusion starts out reading the final state alone, as HEAD does",
+    )
+    parser.add_argument(
+        "--head-layers",
+        metavar="N",
+        type=int,
+        help="decoder layers in the head (default 1, MiMo's); with --init HEAD the added layers start out passing "
+        "their input through, so the head drafts as HEAD does",
+    )
+    parser.add_argument(
         "--labels",
         choices=LABELS,
         default=defaults.labels,
@@ -77,6 +93,14 @@ def register_cli(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=defaults.feature_weight,
         help="add EAGLE's regression of each draft step's output onto the base's next hidden state, with this weight",
+    )
+    parser.add_argument(
+        "--soft-target-weight",
+        type=float,
+        metavar="W",
+        default=defaults.soft_target_weight,
+        help="mix the base model's own next-token distribution into each target with this share (0 to 1): "
+        "knowledge distillation, computed from the cached hidden states (one more lm_head product per step)",
     )
     parser.add_argument(
         "--loss-vocab-size",

@@ -158,6 +158,8 @@ def calibration_key(model: FastMTPForCausalLM) -> dict[str, Any]:
         "attention": attn_implementation(attention),
         "linear_shapes": sorted({shape_name(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}),
         "num_layers": attention.num_hidden_layers,
+        # (Only where not MiMo's one layer: the draft step's cost grows with it; existing calibrations stay valid.)
+        **({"head_layers": model.config.num_head_layers} if model.config.num_head_layers != 1 else {}),
         "attention_heads": [
             attention.num_attention_heads,
             getattr(attention, "num_key_value_heads", None),

@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 
 from .stats import FastMTPStats
-from .transformers_compat import eos_token_ids
+from .transformers_compat import eos_token_ids, hidden_states_to_output
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
@@ -26,8 +26,9 @@ class FastMTPCandidateGenerator(CandidateGenerator):
     """
     Drafts up to K tokens per cycle with the model's MTP head, applied recursively; `draft_length` says K each cycle.
 
-    It needs the base model's last hidden states from the previous verification (`requires_model_outputs`), so on the
-    first iteration it proposes nothing and lets `generate` run the prefill. Each later call:
+    It needs the base model's last hidden states (a multi-layer-feature head: its selected ones, `base_features`) from
+    the previous verification (`requires_model_outputs`), as the decoding loop's `VerifiedStates`, so on the first
+    iteration it proposes nothing and lets `generate` run the prefill. Each later call:
       1. extends the head's own KV cache with the pairs (h_j, t_{j+1}) of every position verified since the head
          last drafted, after dropping the head's speculative entries of that cycle (one forward);
       2. recursively feeds the head its own output and its last draft, one position per step.
@@ -56,8 +57,6 @@ class FastMTPCandidateGenerator(CandidateGenerator):
     """
 
     requires_model_outputs = True
-    # Only the last layer's hidden state is kept from the verification forward.
-    model_kwargs_overrides = {"output_hidden_states": -1}
 
     def __init__(
         self,
@@ -72,6 +71,10 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         max_matching_ngram_size: int | None = None,
     ):
         self.model = model
+        # What the verification forward must return for the head (Transformers' assisted loop reads this too).
+        self.model_kwargs_overrides = {
+            "output_hidden_states": hidden_states_to_output(model.config.feature_layers is not None)
+        }
         self.draft_length = draft_length
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = generation_config.max_length
@@ -83,7 +86,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self.head_cache: DynamicCache | None = None
         self.head_cache_verified_length = 0
         self.head_cache_speculative_length = 0
-        # The base's last hidden states of the positions verified since the head last drafted (see step 1).
+        # The base's features of the positions verified since the head last drafted (see step 1).
         self.pending_hidden_states: list[torch.Tensor] = []
         # After `catch_up`: the head's output at each row's last pair and its position (the next first draft's input),
         # and whether the next call's verified positions are in the head's cache already.
@@ -189,7 +192,12 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         position_ids = positions_of(head_mask, cur_len - 1 - num_new, num_new, input_ids.device)
         self._crop_speculative_entries()
         head_output = self.model.mtp_forward(
-            hidden_states, input_ids[:, cur_len - num_new :], position_ids, self.head_cache, attention_mask=head_mask
+            hidden_states,
+            input_ids[:, cur_len - num_new :],
+            position_ids,
+            self.head_cache,
+            attention_mask=head_mask,
+            from_base=True,
         )[:, -1:]
         self.head_cache_verified_length += num_new
         return head_output, position_ids[:, -1:]
@@ -220,7 +228,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         # The row's last token (the last slot before this cycle) is its pair 0's token position.
         position_ids = slot_mask.long().sum(-1, keepdim=True) - 1 + torch.arange(width, device=tokens.device)
         head_output = self.model.mtp_forward(
-            hidden_states, tokens, position_ids, self.head_cache, attention_mask=head_mask
+            hidden_states, tokens, position_ids, self.head_cache, attention_mask=head_mask, from_base=True
         )
         self.head_cache_verified_length += width
         self._pairs_taken = True

@@ -37,8 +37,9 @@ def model_card(config: PretrainedConfig, extra: dict[str, Any] | None = None) ->
         f"---\n{card_data.to_yaml()}\n---",
         f"# FastMTP head for {base or 'its base model'}",
         (
-            "A [FastMTP](https://arxiv.org/abs/2509.18362) multi-token-prediction head: one decoder layer that drafts "
-            f"tokens recursively (trained for {config.num_draft_tokens} per cycle) for "
+            "A [FastMTP](https://arxiv.org/abs/2509.18362) multi-token-prediction head: "
+            f"{head_architecture(config)} that drafts tokens recursively (trained for {config.num_draft_tokens} per "
+            "cycle) for "
             f"{base_text if base else 'its base model'}, which verifies "
             "them in one forward pass. The output is exactly the base model's (greedy: token for token; sampling: "
             "the same distribution), only faster. This repo holds only the head; loading it loads the base model too."
@@ -56,6 +57,17 @@ def model_card(config: PretrainedConfig, extra: dict[str, Any] | None = None) ->
         sections.append(stats_table(extra["stats"]))
     sections.append(usage_section(repo_id, base, config))
     return "\n\n".join(sections) + "\n"
+
+
+def head_architecture(config: PretrainedConfig) -> str:
+    """The head's configuration in words: MiMo's one layer, or the opt-in variants it uses."""
+    layers = "one decoder layer" if config.num_head_layers == 1 else f"{config.num_head_layers} decoder layers"
+    if config.feature_layers is None:
+        return layers
+    return (
+        f"{layers} whose first draft step reads a learned fusion of the base's hidden states "
+        f"{', '.join(map(str, config.feature_layers))} (EAGLE-3-style features; the last is its final hidden state)"
+    )
 
 
 def training_section(summary: dict[str, Any]) -> str:
@@ -94,6 +106,8 @@ def stage_lines(summary: dict[str, Any]) -> list[str]:
     objective = [f"targets: {targets}"]
     if config.get("feature_weight"):
         objective.append(f"feature regression weight {config['feature_weight']}")
+    if config.get("soft_target_weight"):
+        objective.append(f"soft targets: the base's distribution at weight {config['soft_target_weight']}")
     if config.get("loss_vocab_size"):
         objective.append(f"cross-entropy over the {config['loss_vocab_size']:,} most frequent response tokens")
     if config.get("init"):
@@ -162,7 +176,7 @@ model.last_fastmtp_stats  # tau and acceptance of that call
             f"(vocabulary maps: {', '.join(sorted(config.draft_vocab_maps))}); verification always uses the full "
             "vocabulary."
         )
-    if config.text_config.model_type in SGLANG_BASE_TYPES:
+    if config.text_config.model_type in SGLANG_BASE_TYPES and config.is_mimo_head():
         text += (
             "\n\nTo serve it at scale with SGLang: `fastmtp export --format sglang --head "
             f"{repo_id} --output DIR` writes a MiMo-style checkpoint and prints the launch command."

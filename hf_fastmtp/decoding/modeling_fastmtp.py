@@ -27,6 +27,7 @@ from .configuration_fastmtp import (
     base_signature,
     check_draft_confidence_threshold,
     check_draft_length,
+    resolve_feature_layers,
 )
 from .cpu_kernels import CPUKernels, KernelChoice, is_cpu_float32
 from .draft_length import AutoDraftLength, FixedDraftLength
@@ -46,7 +47,7 @@ from .hub_files import (
 )
 from .mimo import load_mimo, load_mimo_base
 from .model_card import write_model_card
-from .mtp_head import FastMTPHead
+from .mtp_head import FastMTPHead, head_features
 from .speculative_decoding import fastmtp_decoding
 from .stats import FastMTPStats
 from .transformers_compat import (
@@ -93,8 +94,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         config.text_config = base_model.config
         self.head_config = config.head_config()
         decoder = base_model.get_decoder()
-        head = FastMTPHead(self.head_config, type(decoder.layers[-1]), type(decoder.norm))
-        self.mtp_layers = nn.ModuleList([head.to(device=base_model.device, dtype=base_model.dtype)])
+        self.mtp_layers = nn.ModuleList([self._new_head()])
         self._rope_layer_type = head_rope_layer_type(decoder.rotary_emb, base_model.config)
         sliding = getattr(self.head_config, "layer_types", None) is None and getattr(
             self.head_config, "sliding_window", None
@@ -122,17 +122,24 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         *,
         num_draft_tokens: int = 3,
         base_model_name_or_path: str | None = None,
+        feature_layers: list[int] | None = None,
+        num_head_layers: int = 1,
     ) -> FastMTPForCausalLM:
         """
         Wraps a loaded causal LM. `head` is a `FastMTPHead`, a head state dict (`mtp_layers.0.*` or bare names),
         or `None` for a new head initialised from the base model's last decoder layer (untrained: drafts are poor
-        until it is trained with `fastmtp train`).
+        until it is trained with `fastmtp train`). `feature_layers` and `num_head_layers` configure the head
+        (`FastMTPConfig`).
         """
+        if feature_layers is not None:
+            feature_layers = resolve_feature_layers(feature_layers, base_model.config.num_hidden_layers)
         config = FastMTPConfig(
             # A copy: building a composite config resets the attention implementation of the config it is given.
             text_config=copy.deepcopy(base_model.config),
             base_model_name_or_path=base_model_name_or_path or base_model.config.name_or_path or None,
             num_draft_tokens=num_draft_tokens,
+            feature_layers=feature_layers,
+            num_head_layers=num_head_layers,
         )
         model = cls(config, base_model=base_model)
         if head is None:
@@ -256,6 +263,42 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
     def head(self) -> FastMTPHead:
         return self.mtp_layers[0]
 
+    def _new_head(self) -> FastMTPHead:
+        """A head as `self.config` describes it, untrained, on the base's device and dtype."""
+        decoder = self.model.get_decoder()
+        num_features = len(self.config.feature_layers) if self.config.feature_layers else 1
+        head = FastMTPHead(self.head_config, type(decoder.layers[-1]), type(decoder.norm), num_features)
+        return head.to(device=self.model.device, dtype=self.model.dtype)
+
+    @torch.no_grad()
+    def expand_head(self, *, feature_layers: list[int] | None = None, num_head_layers: int | None = None) -> None:
+        """
+        Replaces the head with one that reads `feature_layers` and/or has `num_head_layers` layers, and drafts exactly
+        what it drafted: the trained weights are kept, and the parts the head lacked start as pass-throughs
+        (`FastMTPHead.pass_through_new_parts`). Training goes on from there (`fastmtp train --init`).
+        """
+        config = self.config
+        old_feature_layers, old_num_layers = config.feature_layers, config.num_head_layers
+        if feature_layers is not None:
+            feature_layers = resolve_feature_layers(feature_layers, self.model.config.num_hidden_layers)
+            if old_feature_layers not in (None, feature_layers):
+                raise ValueError(
+                    f"This head already fuses the base's hidden states {old_feature_layers}; it cannot be converted "
+                    f"to read {feature_layers}: train a new head, or start from one that reads the final state only."
+                )
+        if num_head_layers is not None and num_head_layers < old_num_layers:
+            raise ValueError(
+                f"This head has {old_num_layers} layers; expanding it cannot remove layers "
+                f"(asked for {num_head_layers})."
+            )
+        config.feature_layers = feature_layers or old_feature_layers
+        config.num_head_layers = num_head_layers or old_num_layers
+        old_head = self.head
+        self.head_config = config.head_config()
+        self.mtp_layers[0] = self._new_head()
+        self.head.load_state_dict({**self.head.state_dict(), **old_head.state_dict()})
+        self.head.pass_through_new_parts(new_fusion=old_feature_layers is None, first_new_layer=old_num_layers)
+
     def load_head_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Loads head weights named `mtp_layers.0.*` (or bare), with clear errors for missing or misshapen tensors."""
         state_dict = {k.removeprefix("model.").removeprefix(HEAD_PREFIX): v for k, v in state_dict.items()}
@@ -292,6 +335,7 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         self.head.load_state_dict(
             {**self.head.state_dict(), **decoder.layers[-1].state_dict(), **prefixed(decoder.norm, "final_layernorm")}
         )
+        self.head.pass_through_new_parts()
         probe = torch.arange(1, min(self.vocab_size, 33), device=self.model.device).unsqueeze(0)
         last_layer_input = self.model(probe, output_hidden_states=True).hidden_states[-2]
         residual_rms = last_layer_input.float().pow(2).mean().sqrt()
@@ -351,16 +395,22 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor,
         past_key_values=None,
         attention_mask: torch.Tensor | None = None,
+        *,
+        from_base: bool = False,
     ) -> torch.Tensor:
         """
         One application of the head to pairs (h_j, t_{j+1}) at positions j. Returns g, whose lm_head logits predict
-        t_{j+2} and which is the next recursive step's h. Used alike by drafting and by training.
+        t_{j+2} and which is the next recursive step's h. Used alike by drafting and by training. `from_base`: the
+        `hidden_states` are the base's (`base_features`, the first draft step's input), which a head with
+        `feature_layers` fuses first; otherwise they are a previous step's g.
 
         The token embedding at position 0 is zeroed, as MiMo's MTP layer does in SGLang and vLLM: a head then drafts
         the same here as when those engines serve its export (see `zero_first_position`).
         """
         head_device = self.head.input_proj.weight.device
         hidden_states = hidden_states.to(head_device)
+        if from_base:
+            hidden_states = self.head.fuse_features(hidden_states)
         position_ids = position_ids.to(head_device)
         token_embeddings = self.get_input_embeddings()(input_ids).to(head_device)
         token_embeddings = zero_first_position(token_embeddings, position_ids)
@@ -377,6 +427,10 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             **{self._head_mask_cache_keyword: past_key_values},
         )
         return self.head(hidden_states, token_embeddings, position_embeddings, position_ids, mask, past_key_values)
+
+    def base_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """What the head's first step reads of a base forward's `hidden_states` (`mtp_head.head_features`)."""
+        return head_features(hidden_states, self.config.feature_layers)
 
     def draft_logits(self, head_output: torch.Tensor, vocabulary: DraftVocabulary | None = None) -> torch.Tensor:
         """lm_head logits of the head's output, over the whole vocabulary or over a restricted one."""

@@ -22,7 +22,7 @@ from .transformers_compat import (
     cache_keyword,
     decoder_only_output,
     generation_cache,
-    last_hidden_state_only,
+    hidden_states_to_output,
     pad_token_id,
     shift_cache_rows,
 )
@@ -72,7 +72,10 @@ def fastmtp_decoding(
     )
     cache = decoding_cache(model, generation_cache(model_kwargs), batch_size)
     activate_past_recording(cache, drafter.num_drafting_tokens)
-    forward_options = {cache_keyword(model.model.forward): cache, "output_hidden_states": last_hidden_state_only()}
+    forward_options = {
+        cache_keyword(model.model.forward): cache,
+        "output_hidden_states": hidden_states_to_output(model.config.feature_layers is not None),
+    }
     rows = RowOutputs(input_ids, generation_config)
     if streamer is not None:  # (`generate()` streams the prompt only to loops it knows)
         streamer.put(input_ids.cpu())
@@ -128,7 +131,7 @@ def fastmtp_decoding(
         alignment = RowAlignment(num_kept, finished, num_drafts, input_ids.device)
         if alignment.rows_left:
             cache.crop(-alignment.cropped)
-            hidden_states = alignment.verified_hidden_states(outputs.hidden_states[-1])
+            hidden_states = alignment.verified_hidden_states(model.base_features(outputs.hidden_states))
             if alignment.ragged:  # the head takes this cycle's pairs before the rows move (see the drafter)
                 drafter.catch_up(hidden_states, tokens[:, : alignment.width], slot_mask, alignment)
             slot_ids = alignment.select(torch.cat([slot_ids, tokens[:, : alignment.width]], dim=-1))
@@ -155,7 +158,10 @@ def fastmtp_decoding(
 
 
 class VerifiedStates(NamedTuple):
-    """What the drafter reads of a verification forward: the base's last hidden states of the kept positions."""
+    """
+    What the drafter reads of a verification forward: the base's features (`base_features`: its final hidden states,
+    or a multi-layer head's selected ones) of the kept positions.
+    """
 
     hidden_states: tuple[torch.Tensor]
 
@@ -296,7 +302,7 @@ class RowAlignment:
         return slot_mask
 
     def verified_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The verification's last hidden states at the positions the caches keep (before rows move)."""
+        """The verification's hidden states (features) at the positions the caches keep (before rows move)."""
         return hidden_states[:, : hidden_states.shape[1] - self.cropped]
 
     def apply_to(self, cache: DynamicCache) -> None:

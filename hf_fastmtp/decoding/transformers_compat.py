@@ -54,6 +54,14 @@ def last_hidden_state_only() -> int | bool:
     return -1 if TRANSFORMERS_VERSION >= (5, 23) else True
 
 
+def hidden_states_to_output(all_layers: bool) -> int | bool:
+    """
+    `output_hidden_states` for a forward whose caller reads every layer's hidden states (indexed as with `True`, the
+    final normed state last) or only the final one (`last_hidden_state_only`).
+    """
+    return True if all_layers else last_hidden_state_only()
+
+
 def eos_token_ids(generation_config: GenerationConfig) -> torch.Tensor | None:
     """`GenerationConfig._eos_token_tensor`: the EOS ids `generate()` resolved (set by `_prepare_special_tokens`)."""
     return generation_config._eos_token_tensor
@@ -227,6 +235,7 @@ __all__ = [
     "decoder_only_output",
     "eos_token_ids",
     "generation_cache",
+    "hidden_states_to_output",
     "ignoring_unexpected_weights",
     "initialize_weights",
     "last_hidden_state_only",

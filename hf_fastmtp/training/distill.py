@@ -11,7 +11,9 @@ An output folder holds:
                          `distilled_dataset.export_dataset` (`fastmtp distill` runs it at the end)
 
 Rows are appended a batch at a time with one write and an fsync, and the folder's state is rebuilt from the files on
-every start: an interrupted run loses at most the batch in flight, and rerunning the same command resumes it.
+every start: an interrupted run loses at most the batch in flight, and rerunning the same command resumes it. A
+folder that has the Parquet files but not the log (a clone of a repo that commits only those, a download of the Hub
+dataset) gets its log back from them first (`restore_log`), so that it resumes too.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from transformers import (
 )
 
 from ..decoding.transformers_compat import cache_keyword
-from ..jsonl import append_rows, iter_rows, read_json, read_rows, write_json
+from ..jsonl import append_rows, iter_rows, read_json, read_rows, write_json, write_rows
 from ..prompt_sources import DEFAULT_SOURCE_OPTIONS, SourceOptions, read_prompts, with_languages
 from ..prompts import encode_chat
 from ..run_settings import open_run_folder
@@ -54,6 +56,7 @@ KNOWN_SOURCES = ("alpaca_en", "alpaca_zh", "gsm8k_train", "code_alpaca")
 MANIFEST_NAME = "manifest.json"
 DUPLICATES_NAME = "duplicates.jsonl"
 SHARD_NAME = re.compile(r"shard-(?:rank(\d+)-)?(\d+)\.jsonl")
+DATA_DIR = "data"  # the log's Parquet copy: data/<shard name>.parquet
 FORMAT_VERSION = 1
 PROMPT_FIELDS = ("id", "source", "lang", "prompt")
 ROW_FIELDS = ("id", "source", "lang", "prompt", "prompt_ids", "response_ids", "response", "finished")
@@ -159,6 +162,7 @@ def distill(
     rank, num_processes = processes.process_index, processes.num_processes
     # The main process owns the files that the processes share (manifest, duplicates); each appends to its own shards.
     manifest = on_main_process(lambda: _open_folder(output_dir, identity, run))
+    on_main_process(lambda: restore_log(output_dir))
     written = _Written.scan(output_dir, shard_size, shard_rank=rank if num_processes > 1 else None)
 
     # Whole batches go round-robin to the processes. Batch i is sampled with its own seed whichever process answers
@@ -307,6 +311,29 @@ def selected_prompt_ids(folder: str | os.PathLike) -> set[str]:
         selection = select_prompts(prompts, run["sources"], run["langs"], run["num_prompts"], run["seed"])
         ids.update(prompt["id"] for prompt in selection)
     return ids
+
+
+def restore_log(folder: str | os.PathLike) -> list[Path]:
+    """
+    Writes back each JSONL shard whose Parquet copy (`data/<shard>.parquet`) exists without it, and returns them: the
+    folder then resumes as if it had never lost its log, and a later export does not drop those rows. The restored
+    shard takes its copy's modification time, so that the export sees the copy as up to date.
+    """
+    import pyarrow.parquet  # a dependency of datasets
+
+    folder = Path(folder)
+    restored = []
+    for copy in sorted(folder.glob(f"{DATA_DIR}/shard-*.parquet")):
+        shard = folder / f"{copy.stem}.jsonl"
+        if shard.exists() or not SHARD_NAME.fullmatch(shard.name):
+            continue
+        rows = pyarrow.parquet.read_table(copy, columns=list(ROW_FIELDS)).to_pylist()
+        write_rows(shard, rows)
+        os.utime(shard, (copy.stat().st_atime, copy.stat().st_mtime))
+        restored.append(shard)
+    if restored:
+        logger.info("Restored %d log shards of %s from their Parquet copies.", len(restored), folder)
+    return restored
 
 
 def iter_distilled(folder: str | os.PathLike) -> Iterator[dict]:

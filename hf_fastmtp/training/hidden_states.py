@@ -35,7 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 class HiddenStateStore:
-    """The base model's final hidden states h_0..h_{len-3} of each example, read from the precomputed chunk files."""
+    """
+    The base model's final hidden states h_0..h_{len-3} of each example ([num_pairs, H]; for a head with
+    `feature_layers`, those layers' [num_pairs, layers, H]), read from the precomputed chunk files.
+    """
 
     def __init__(self, paths: Sequence[Path], rows_per_chunk: int):
         self.paths = list(paths)
@@ -58,14 +61,16 @@ def precompute_hidden_states(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    feature_layers: Sequence[int] | None = None,
 ) -> HiddenStateStore:
     """
-    Computes the base model's final hidden states once for all `examples` and stores them in `folder`, chunk by chunk.
+    Computes the base model's final hidden states (or, for a head with `feature_layers`, those layers' hidden states,
+    indices from 0 to `num_hidden_layers`) once for all `examples` and stores them in `folder`, chunk by chunk.
 
     The base is frozen, so these are what it would compute at every epoch, exactly up to the storage `dtype`. A chunk
-    file records a digest of the base model and of its rows: a rerun keeps the chunks that still match (resuming an
-    interrupted precompute) and recomputes the others. Processes share the chunks round-robin; the caller waits for
-    all of them before reading (`accelerator.wait_for_everyone()`).
+    file records a digest of the base model, of the layers stored and of its rows: a rerun keeps the chunks that still
+    match (resuming an interrupted precompute) and recomputes the others. Processes share the chunks round-robin; the
+    caller waits for all of them before reading (`accelerator.wait_for_everyone()`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,14 +79,14 @@ def precompute_hidden_states(
     paths = [folder / f"chunk-{index:05d}.safetensors" for index in range(len(chunks))]
     todo = []
     for index in range(process_index, len(chunks), num_processes):
-        digest = chunk_digest(base_digest, dtype, chunks[index])
+        digest = chunk_digest(base_digest, dtype, chunks[index], feature_layers)
         if stored_digest(paths[index]) != digest:
             todo.append((index, digest))
     total_tokens = sum(example.num_pairs for index, _ in todo for example in chunks[index])
     with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="base hidden states", disable=not progress) as bar:
         for index, digest in todo:
             tensors = {}
-            for row, hidden in base_hidden_states(base, chunks[index]):
+            for row, hidden in base_hidden_states(base, chunks[index], feature_layers):
                 tensors[str(row)] = hidden.to(dtype).contiguous()
                 bar.update(hidden.shape[0])
             with replaced_atomically(paths[index]) as staging:
@@ -90,8 +95,13 @@ def precompute_hidden_states(
 
 
 @torch.inference_mode()
-def base_hidden_states(base: PreTrainedModel, examples: Sequence[Example]) -> Iterator[tuple[int, torch.Tensor]]:
-    """`(row, hidden states [num_pairs, H])` for each example, from length-sorted, right-padded batches."""
+def base_hidden_states(
+    base: PreTrainedModel, examples: Sequence[Example], feature_layers: Sequence[int] | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """
+    `(row, hidden states [num_pairs, H])` for each example, or with `feature_layers` those layers' hidden states
+    `[num_pairs, layers, H]`, from length-sorted, right-padded batches.
+    """
     decoder = base.get_decoder()
     order = sorted(range(len(examples)), key=lambda row: examples[row].num_pairs)
     batches, batch = [], []
@@ -110,9 +120,16 @@ def base_hidden_states(base: PreTrainedModel, examples: Sequence[Example]) -> It
             length = examples[row].num_pairs
             input_ids[i, :length] = torch.tensor(examples[row].input_ids[:length])
             attention_mask[i, :length] = 1
-        hidden = decoder(
-            input_ids=input_ids.to(base.device), attention_mask=attention_mask.to(base.device), use_cache=False
-        ).last_hidden_state
+        outputs = decoder(
+            input_ids=input_ids.to(base.device),
+            attention_mask=attention_mask.to(base.device),
+            use_cache=False,
+            output_hidden_states=feature_layers is not None,
+        )
+        if feature_layers is None:
+            hidden = outputs.last_hidden_state
+        else:
+            hidden = torch.stack([outputs.hidden_states[layer] for layer in feature_layers], dim=-2)
         for i, row in enumerate(batch):
             yield row, hidden[i, : examples[row].num_pairs].cpu()
 
@@ -127,8 +144,12 @@ def base_fingerprint(base: PreTrainedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def chunk_digest(base_digest: str, dtype: torch.dtype, examples: Sequence[Example]) -> str:
-    digest = hashlib.sha256(f"{base_digest}/{dtype}".encode())
+def chunk_digest(
+    base_digest: str, dtype: torch.dtype, examples: Sequence[Example], feature_layers: Sequence[int] | None = None
+) -> str:
+    """Identifies a chunk's contents: a chunk stored for other layers (or the final state alone) is never reused."""
+    layers = "" if feature_layers is None else f"/layers={list(feature_layers)}"
+    digest = hashlib.sha256(f"{base_digest}/{dtype}{layers}".encode())
     for example in examples:
         digest.update(json.dumps(example.input_ids).encode())
     return digest.hexdigest()[:16]
@@ -163,11 +184,11 @@ class PairDataset(Dataset):
 def collate_pairs(items: Sequence[tuple[Example, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """
     Right-padded pairs: `hidden_states` h_p [B, T, H], `input_ids` t_{p+1}, `labels` t_{p+2} (IGNORE_INDEX outside the
-    response and on padding), `pair_mask` (True on real pairs).
+    response and on padding), `pair_mask` (True on real pairs); from feature layers' states also `features`, the
+    layers' states concatenated [B, T, layers * H] (the final one, `hidden_states`, last).
     """
     width = max(example.num_pairs for example, _ in items)
-    hidden_size = items[0][1].shape[-1]
-    hidden_states = torch.zeros(len(items), width, hidden_size, dtype=items[0][1].dtype)
+    hidden_states = torch.zeros(len(items), width, *items[0][1].shape[1:], dtype=items[0][1].dtype)
     input_ids = torch.zeros(len(items), width, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
     pair_mask = torch.zeros(len(items), width, dtype=torch.bool)
@@ -180,7 +201,10 @@ def collate_pairs(items: Sequence[tuple[Example, torch.Tensor]]) -> dict[str, to
         # Label t_{p+2} counts only inside the response: p + 2 >= prompt_length.
         labels[row, : max(example.prompt_length - 2, 0)] = IGNORE_INDEX
         pair_mask[row, :length] = True
-    return {"hidden_states": hidden_states, "input_ids": input_ids, "labels": labels, "pair_mask": pair_mask}
+    batch = {"hidden_states": hidden_states, "input_ids": input_ids, "labels": labels, "pair_mask": pair_mask}
+    if hidden_states.ndim == 4:
+        batch.update(hidden_states=hidden_states[:, :, -1], features=hidden_states.flatten(2))
+    return batch
 
 
 class LengthGroupedBatches:

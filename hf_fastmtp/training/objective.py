@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +97,9 @@ def recursive_head_outputs(
     """
     The head's outputs g_1..g_K at every position p of a batch of pairs (h_p, t_{p+1}), as drafting computes them.
 
-    Step 1 reads the base's hidden state h_p; step k > 1 reads g_{k-1} at p-1. The tokens are the same at every step:
-    with teacher forcing, the draft step k-1 fed at position p is the true t_{p+1}. All steps share one cache, so step
+    Step 1 reads the base's hidden state h_p (for a head with `feature_layers`: those layers' states concatenated,
+    which it fuses); step k > 1 reads g_{k-1} at p-1. The tokens are the same at every step: with teacher forcing, the
+    draft step k-1 fed at position p is the true t_{p+1}. All steps share one cache, so step
     k attends over the keys of steps 1..k through `recursive_attention_mask`; the cache is created without a config,
     so that it keeps every key whatever the head's attention window (the mask applies the window).
     """
@@ -108,7 +110,9 @@ def recursive_head_outputs(
     outputs, hidden = [], hidden_states
     for step in range(1, num_steps + 1):
         mask = attention_mask_for(model, recursive_attention_mask(pair_mask, step, window))
-        output = model.mtp_forward(hidden, input_ids, position_ids, past_key_values=cache, attention_mask=mask)
+        output = model.mtp_forward(
+            hidden, input_ids, position_ids, past_key_values=cache, attention_mask=mask, from_base=step == 1
+        )
         outputs.append(output)
         hidden = F.pad(output[:, :-1], (0, 0, 1, 0))  # g_k at p-1 -> position p; position 0 has no chain
     return outputs
@@ -129,15 +133,28 @@ def attention_mask_for(model: FastMTPForCausalLM, allowed: torch.BoolTensor) -> 
     )
 
 
+class SoftTargets(NamedTuple):
+    """
+    Per loss row: the base's hidden state whose lm_head distribution q is the soft target, and the share `w` of q in
+    the target `(1 - w) * one_hot(label) + w * q` (0 where the row has no such hidden state).
+    """
+
+    teacher_hidden: torch.Tensor
+    weight: torch.Tensor
+
+
 def response_cross_entropy(
     model: FastMTPForCausalLM,
     head_outputs: torch.Tensor,
     labels: torch.LongTensor,
     loss_vocab: torch.LongTensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    soft_targets: SoftTargets | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    Summed cross-entropy of the frozen lm_head's logits of `head_outputs` [N, H] for `labels` [N]; top-1 hits. With
-    `loss_vocab` (sorted token ids), over those rows of the lm_head only, and `labels` must be indices into it.
+    The loss of the frozen lm_head's logits of `head_outputs` [N, H] for `labels` [N]: summed cross-entropy, or with
+    `soft_targets` the summed cross-entropy to their mixed targets; also the summed cross-entropy to `labels` alone
+    and the top-1 hits. With `loss_vocab` (sorted token ids), over those rows of the lm_head only, and `labels` must
+    be indices into it.
     """
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
@@ -146,7 +163,12 @@ def response_cross_entropy(
         bias = None if bias is None else bias[loss_vocab]
     softcap = getattr(model.config.text_config, "final_logit_softcapping", None)
     with_grad = torch.is_grad_enabled() and head_outputs.requires_grad
-    return LinearCrossEntropy.apply(head_outputs.to(weight.device), weight, bias, labels, softcap, with_grad)
+    teacher_hidden, soft_weight = (None, None) if soft_targets is None else soft_targets
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.to(weight.device, weight.dtype)
+    return LinearCrossEntropy.apply(
+        head_outputs.to(weight.device), weight, bias, labels, softcap, with_grad, teacher_hidden, soft_weight
+    )
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -157,41 +179,68 @@ class LinearCrossEntropy(torch.autograd.Function):
     row chunks and the gradient with respect to `hidden` is computed right away, from each chunk's softmax, so no
     logits are kept for the backward pass and none are recomputed: one lm_head matmul forward and one (to H columns)
     for the gradient, against three for autograd through checkpointed chunks.
+
+    With `teacher_hidden` [N, H] and `soft_weight` [N], row n's target is `(1 - w_n) * one_hot(label_n) + w_n * q_n`,
+    q_n the same lm_head's softmax of `teacher_hidden[n]` (one more lm_head matmul, no gradient): cross-entropy to a
+    mixed target is the mixed cross-entropies, and its gradient with respect to the logits is `softmax - target`.
+    Returns the summed loss to the targets, the summed cross-entropy to the labels alone (what validation compares
+    across recipes; the same number without soft targets) and the top-1 hits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, softcap, with_grad):
+    def forward(ctx, hidden, weight, bias, labels, softcap, with_grad, teacher_hidden=None, soft_weight=None):
         """`with_grad`: whether to compute the gradient for `hidden` (`ctx.needs_input_grad` ignores `no_grad`)."""
         if with_grad and weight.requires_grad:
             raise ValueError("LinearCrossEntropy needs a frozen lm_head: it computes no gradient for it.")
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        label_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         hits = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad = torch.empty_like(hidden) if with_grad else None
         for start in range(0, labels.numel(), CE_CHUNK_ROWS):
             rows = slice(start, start + CE_CHUNK_ROWS)
-            logits = F.linear(hidden[rows], weight, bias).float()
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
+            logits, capped = capped_logits(hidden[rows], weight, bias, softcap)
             log_norm = logits.logsumexp(dim=-1)
             targets = labels[rows, None]
-            loss += (log_norm - logits.gather(1, targets).squeeze(1)).sum()
+            row_label_loss = log_norm - logits.gather(1, targets).squeeze(1)
+            label_loss += row_label_loss.sum()
             hits += (logits.argmax(dim=-1) == labels[rows]).sum()
+            target = None
+            if teacher_hidden is None:
+                loss += row_label_loss.sum()
+            else:
+                share = soft_weight[rows, None].float()
+                teacher = capped_logits(teacher_hidden[rows], weight, bias, softcap)[0].softmax(dim=-1).mul_(share)
+                target = teacher.scatter_add_(1, targets, 1 - share)
+                loss += log_norm.sum() - (target * logits).sum()
             if grad is not None:
-                # d(CE)/d(logits) = softmax - one_hot, through tanh's derivative when soft-capped.
+                # d(CE)/d(logits) = softmax - target (one_hot without soft targets), through tanh's derivative.
                 grad_logits = logits.sub_(log_norm[:, None]).exp_()
-                grad_logits.scatter_add_(1, targets, grad_logits.new_full(targets.shape, -1.0))
+                if target is None:
+                    grad_logits.scatter_add_(1, targets, grad_logits.new_full(targets.shape, -1.0))
+                else:
+                    grad_logits -= target
                 if softcap:
                     grad_logits *= 1 - capped.square()
                 grad[rows] = grad_logits.to(weight.dtype) @ weight
-        ctx.mark_non_differentiable(hits)
+        ctx.mark_non_differentiable(label_loss, hits)
         ctx.save_for_backward(grad)
-        return loss, hits
+        return loss, label_loss, hits
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_hits):
+    def backward(ctx, grad_loss, grad_label_loss, grad_hits):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None
+
+
+def capped_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 logits of `hidden`, soft-capped where the base caps them; also tanh's output, for the gradient."""
+    logits = F.linear(hidden, weight, bias).float()
+    if not softcap:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
 
 
 def feature_loss(
@@ -242,8 +291,10 @@ class FastMTPTrainingModule(nn.Module):
     non-zero weight are skipped in training; `all_steps=True` (validation) computes every step.
 
     Options (`fastmtp train` flags): `base_labels` replaces the data's labels with the base's greedy choices
-    (`--labels base`), `feature_weight` adds EAGLE's feature regression, and `loss_vocab` restricts the cross-entropy
-    (and the top-1 hits) to those tokens (`--loss-vocab-size`).
+    (`--labels base`), `feature_weight` adds EAGLE's feature regression, `soft_target_weight` mixes the base's own
+    next-token distribution into each target (`--soft-target-weight`: knowledge distillation from the frozen base, free
+    from the cached hidden states), and `loss_vocab` restricts the cross-entropy (and the top-1 hits) to those tokens
+    (`--loss-vocab-size`). The logged per-step cross-entropy is always the one to the labels alone.
     """
 
     def __init__(
@@ -253,12 +304,14 @@ class FastMTPTrainingModule(nn.Module):
         base_labels: bool = False,
         feature_weight: float = 0.0,
         loss_vocab: torch.LongTensor | None = None,
+        soft_target_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
         self.weights = list(weights)
         self.base_labels = base_labels
         self.feature_weight = feature_weight
+        self.soft_target_weight = soft_target_weight
         self.loss_vocab = None
         if loss_vocab is not None:
             # Token id -> its index in the loss vocabulary, or IGNORE_INDEX: labels outside it have no logit.
@@ -273,7 +326,9 @@ class FastMTPTrainingModule(nn.Module):
         labels: torch.LongTensor,
         pair_mask: torch.BoolTensor,
         all_steps: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features`: the selected layers' hidden states a head with `feature_layers` reads (`collate_pairs`)."""
         if self.base_labels:
             labels = base_greedy_labels(self.model, hidden_states, labels, pair_mask)
         loss_vocab = None
@@ -283,9 +338,9 @@ class FastMTPTrainingModule(nn.Module):
             labels = labels.masked_scatter(inside, self.vocab_index.to(labels.device)[labels[inside]])
         trained_steps = max(k + 1 for k, weight in enumerate(self.weights) if weight > 0)
         num_steps = len(self.weights) if all_steps else trained_steps
-        outputs = recursive_head_outputs(
-            self.model, hidden_states.to(self.model.dtype), input_ids, pair_mask, num_steps
-        )
+        head_input = hidden_states if features is None else features
+        outputs = recursive_head_outputs(self.model, head_input.to(self.model.dtype), input_ids, pair_mask, num_steps)
+        teacher = self.soft_targets(hidden_states, pair_mask) if self.soft_target_weight else None
         loss = hidden_states.new_zeros((), dtype=torch.float32)
         stats = torch.zeros(len(self.weights), 3, dtype=torch.float32, device=input_ids.device)
         for step, (output, weight) in enumerate(zip(outputs, self.weights), start=1):
@@ -296,9 +351,21 @@ class FastMTPTrainingModule(nn.Module):
             count = int(selected.sum())
             if count == 0:
                 continue
-            summed, hits = response_cross_entropy(self.model, output[selected], labels_k[selected], loss_vocab)
+            soft_targets = None if teacher is None else SoftTargets(*(part[selected] for part in teacher))
+            summed, label_loss, hits = response_cross_entropy(
+                self.model, output[selected], labels_k[selected], loss_vocab, soft_targets
+            )
             loss = loss + weight * summed / count
             if self.feature_weight:
                 loss = loss + weight * self.feature_weight * feature_loss(output, hidden_states, selected, pair_mask)
-            stats[step - 1] = torch.stack([summed.detach(), hits.float(), summed.new_tensor(float(count))])
+            stats[step - 1] = torch.stack([label_loss, hits.float(), label_loss.new_tensor(float(count))])
         return loss, stats
+
+    def soft_targets(self, hidden_states: torch.Tensor, pair_mask: torch.BoolTensor) -> SoftTargets:
+        """
+        Per pair p: the base's hidden state h_{p+1}, whose lm_head distribution is the base's own for the token the
+        head predicts at p, whatever the step; the last pair of a sequence has none and keeps its hard label.
+        """
+        teacher_hidden = F.pad(hidden_states[:, 1:], (0, 0, 0, 1))
+        has_teacher = F.pad(pair_mask[:, 1:], (0, 1), value=False)
+        return SoftTargets(teacher_hidden, has_teacher.to(torch.float32) * self.soft_target_weight)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import time
@@ -46,7 +47,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from ..decoding.configuration_fastmtp import check_num_draft_tokens
+from ..decoding.configuration_fastmtp import check_num_draft_tokens, resolve_feature_layers
 from ..decoding.modeling_fastmtp import FastMTPForCausalLM
 from ..decoding.transformers_compat import initialize_weights
 from ..jsonl import append_rows, write_rows
@@ -101,8 +102,11 @@ class TrainConfig:
     val_fraction: float = 0.02
     seed: int = 0
     init: str = "random"
+    feature_layers: list[int] | None = None
+    head_layers: int | None = None
     labels: str = "data"
     feature_weight: float = 0.0
+    soft_target_weight: float = 0.0
     loss_vocab_size: int | None = None
     lora_rank: int | None = None
     mixed_precision: str = "no"
@@ -130,6 +134,7 @@ class TrainConfig:
             "max_steps": self.max_steps,
             "max_rows": self.max_rows,
             "lora_rank": self.lora_rank,
+            "head_layers": self.head_layers,
             "loss_vocab_size": self.loss_vocab_size,
             "eval_every": self.eval_every,
             "save_every": self.save_every,
@@ -146,6 +151,11 @@ class TrainConfig:
             raise TrainError(f"epochs must be > 0, got {self.epochs}.")
         if not self.feature_weight >= 0:
             raise TrainError(f"feature_weight must be >= 0, got {self.feature_weight}.")
+        if not 0 <= self.soft_target_weight <= 1:
+            raise TrainError(
+                f"soft_target_weight must be in [0, 1] (the base distribution's share of each target), got "
+                f"{self.soft_target_weight}."
+            )
         if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise TrainError("lr and max_grad_norm must be > 0 and weight_decay >= 0.")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.val_fraction < 1:
@@ -211,7 +221,7 @@ def train(
     Path(config.output).mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
-    data = prepare_data(base, tokenizer, config, accelerator)
+    data = prepare_data(base, tokenizer, config, accelerator, head_feature_layers(base, config))
     model = build_model(base, config, base_model_name_or_path)
     lora = add_lora(model, config.lora_rank) if config.lora_rank else None
     run = TrainingRun(accelerator, model, data, config)
@@ -248,9 +258,16 @@ class TrainingData:
 
 
 def prepare_data(
-    base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, accelerator
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TrainConfig,
+    accelerator,
+    feature_layers: list[int] | None = None,
 ) -> TrainingData:
-    """Loads and splits the examples, and precomputes the base model's hidden states for all of them."""
+    """
+    Loads and splits the examples, and precomputes the base model's hidden states for all of them (those of
+    `feature_layers` for a head that reads several).
+    """
     examples, report = load_examples(base, tokenizer, config)
     val_indices = [i for i, example in enumerate(examples) if is_validation(example.id, config.val_fraction)]
     train_indices = sorted(set(range(len(examples))) - set(val_indices))
@@ -267,6 +284,7 @@ def prepare_data(
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
         progress=config.progress and accelerator.is_local_main_process,
+        feature_layers=feature_layers,
     )
     accelerator.wait_for_everyone()
     return TrainingData(examples, report, train_indices, val_indices, store)
@@ -301,6 +319,7 @@ class TrainingRun:
                 base_labels=config.labels == "base",
                 feature_weight=config.feature_weight,
                 loss_vocab=loss_vocab,
+                soft_target_weight=config.soft_target_weight,
             ),
             optimizer,
             loader,
@@ -430,14 +449,43 @@ def load_examples(
     return load_reference_examples(config.reference_data, tokenizer, max_rows=config.max_rows, max_seq_len=max_seq_len)
 
 
+def head_feature_layers(base: PreTrainedModel, config: TrainConfig) -> list[int] | None:
+    """
+    The base's hidden states the trained head reads (`FastMTPConfig.feature_layers`, as indices from 0):
+    --feature-layers, else the --init head's. What the hidden-state cache stores.
+    """
+    feature_layers = config.feature_layers
+    if feature_layers is None and config.init not in ("last-layer", "random"):
+        feature_layers = json.loads((Path(config.init) / "config.json").read_text()).get("feature_layers")
+    if feature_layers is None:
+        return None
+    try:
+        return resolve_feature_layers(feature_layers, base.config.num_hidden_layers)
+    except ValueError as error:
+        raise TrainError(f"--feature-layers: {error}") from None
+
+
 def build_model(base: PreTrainedModel, config: TrainConfig, base_model_name_or_path: str | None) -> FastMTPForCausalLM:
-    """The model with its starting head: `random`, the base's last layer (`last-layer`), or a saved head folder."""
+    """
+    The model with its starting head: `random`, the base's last layer (`last-layer`), or a saved head folder, which
+    `--feature-layers` and `--head-layers` expand into a head that starts out drafting as it does
+    (`FastMTPForCausalLM.expand_head`).
+    """
     if config.init not in ("last-layer", "random"):
         model = FastMTPForCausalLM.from_pretrained(config.init, base_model=base)
         model.config.num_draft_tokens = config.num_draft_tokens
+        if config.feature_layers is not None or config.head_layers is not None:
+            try:
+                model.expand_head(feature_layers=config.feature_layers, num_head_layers=config.head_layers)
+            except ValueError as error:
+                raise TrainError(str(error)) from None
     else:
         model = FastMTPForCausalLM.from_base(
-            base, num_draft_tokens=config.num_draft_tokens, base_model_name_or_path=base_model_name_or_path
+            base,
+            num_draft_tokens=config.num_draft_tokens,
+            base_model_name_or_path=base_model_name_or_path,
+            feature_layers=head_feature_layers(base, config),
+            num_head_layers=config.head_layers or 1,
         )
         if config.init == "random":
             initialize_weights(base, model.head)
