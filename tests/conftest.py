@@ -196,3 +196,25 @@ def smollm2():
 
     torch.manual_seed(0)
     return load_default()
+
+
+# The tiny bases have 2 decoder layers: hidden states 0 (embeddings), 1 and 2 (the final normed one).
+CONFIGURATIONS = {
+    "features": {"feature_layers": [0, 1, -1]},
+    "two-layers": {"num_head_layers": 2},
+    "both": {"feature_layers": [1, 2], "num_head_layers": 2},
+}
+NEW_PARTS = ("feature_proj.", "extra_layers.")
+
+
+def configured_fastmtp(architecture: str, configuration: str, random_new_parts: bool = True, **kwargs):
+    """`tiny_fastmtp`'s head expanded to `configuration`; its new parts random (not reproducing the one-layer head)."""
+    model = tiny_fastmtp(architecture, **kwargs)
+    model.expand_head(**CONFIGURATIONS[configuration])
+    if random_new_parts:
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for name, parameter in model.head.named_parameters():
+                if name.startswith(NEW_PARTS):
+                    parameter.normal_(0, 0.2) if parameter.ndim > 1 else parameter.fill_(1.0)
+    return model.eval()

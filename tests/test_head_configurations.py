@@ -3,52 +3,25 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_fastmtp
+from conftest import ARCHITECTURES, CONFIGURATIONS, NEW_PARTS, configured_fastmtp, tiny_fastmtp
 from safetensors.torch import load_file
 from test_batch import greedy, padded_batch, scripted_drafts
 from test_core import chi_square_p_value, exact_joint_distribution, sample_first_tokens
-from test_hub import REMOTE_CODE_SCRIPT, subprocess_env
+from test_hub import run_remote_code
 from test_train import distilled_rows, run_config, tiny, write_distilled  # noqa: F401 (tiny: a fixture)
-from transformers import GenerationConfig
 
 from hf_fastmtp import FastMTPCandidateGenerator, FastMTPForCausalLM
 from hf_fastmtp.checkpoints import export_sglang, export_vllm
-from hf_fastmtp.decoding.draft_length import FixedDraftLength
 from hf_fastmtp.decoding.model_card import model_card
 from hf_fastmtp.training.data import Example
 from hf_fastmtp.training.hidden_states import collate_pairs, precompute_hidden_states
-from hf_fastmtp.training.objective import recursive_head_outputs
 from hf_fastmtp.training.train import train
 
 NUM_DRAFT_TOKENS = 3
-# The tiny bases have 2 decoder layers: hidden states 0 (embeddings), 1 and 2 (the final normed one).
-CONFIGURATIONS = {
-    "features": {"feature_layers": [0, 1, -1]},
-    "two-layers": {"num_head_layers": 2},
-    "both": {"feature_layers": [1, 2], "num_head_layers": 2},
-}
-NEW_PARTS = ("feature_proj.", "extra_layers.")
-
-
-def configured_fastmtp(architecture: str, configuration: str, random_new_parts: bool = True, **kwargs):
-    """`tiny_fastmtp`'s head expanded to `configuration`; its new parts random (not reproducing the one-layer head)."""
-    model = tiny_fastmtp(architecture, **kwargs)
-    model.expand_head(**CONFIGURATIONS[configuration])
-    if random_new_parts:
-        torch.manual_seed(7)
-        with torch.no_grad():
-            for name, parameter in model.head.named_parameters():
-                if name.startswith(NEW_PARTS):
-                    parameter.normal_(0, 0.2) if parameter.ndim > 1 else parameter.fill_(1.0)
-    return model.eval()
 
 
 def drafting_stats(model) -> dict:
@@ -109,56 +82,6 @@ def test_feature_layers_are_checked(feature_layers, message):
 
 
 # ----------------------------------------------------------------------------- training equals drafting
-
-
-@pytest.mark.parametrize("configuration", CONFIGURATIONS)
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_training_recursion_equals_drafting(architecture, configuration):
-    """As tests/test_train.py's test of the same name, with the base's features and random new parts."""
-    model = configured_fastmtp(architecture, configuration)
-    length = 40
-    torch.manual_seed(1)
-    ids = torch.randint(1, model.vocab_size, (1, length))
-
-    def features(token_ids):
-        return model.base_features(model.model(token_ids, output_hidden_states=True).hidden_states)
-
-    with torch.no_grad():
-        num_pairs = length - 2
-        pair_mask = torch.ones(1, num_pairs, dtype=torch.bool)
-        trained = recursive_head_outputs(
-            model, features(ids)[:, :num_pairs], ids[:, 1 : num_pairs + 1], pair_mask, NUM_DRAFT_TOKENS
-        )
-
-    generator = FastMTPCandidateGenerator(
-        model, FixedDraftLength(NUM_DRAFT_TOKENS), GenerationConfig(max_length=length, do_sample=False)
-    )
-    drafted = []
-
-    def true_token_as_draft(candidate_ids, head_output):
-        drafted.append((candidate_ids.shape[1], head_output))
-        return ids[:, candidate_ids.shape[1]], None, 1.0
-
-    generator._select_draft = true_token_as_draft
-    cur_len, accepted, compared = 10, 0, 0
-    with torch.no_grad():
-        verify_features = features(ids[:, : cur_len - 1])
-    for cycle in range(10):
-        drafted.clear()
-        with torch.no_grad():
-            generator.get_candidates(
-                ids[:, :cur_len],
-                model_outputs=SimpleNamespace(hidden_states=(verify_features,)),
-                n_last_matches=accepted,
-            )
-        for step, (candidate_length, head_output) in enumerate(drafted):
-            torch.testing.assert_close(head_output[0], trained[step][0, candidate_length - 2], atol=1e-5, rtol=1e-5)
-            compared += 1
-        accepted = (0, 2, 1, 3)[cycle % 4]
-        with torch.no_grad():
-            verify_features = features(ids[:, : cur_len + NUM_DRAFT_TOKENS])[:, cur_len - 1 :]
-        cur_len += accepted + 1
-    assert compared == 10 * NUM_DRAFT_TOKENS
 
 
 # ----------------------------------------------------------------------------- lossless decoding
@@ -246,17 +169,7 @@ def test_default_head_saves_and_loads_as_before(tmp_path):
 def test_remote_code_loads_and_generates(configuration, tmp_path):
     model = configured_fastmtp("llama", configuration)
     head = saved(model, tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_CODE_SCRIPT), str(head)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(tmp_path),
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_remote_code(head, tmp_path)
     assert report["module"].startswith("transformers_modules.") and report["loaded"] == []
     assert report["cycles"] > 0 and report["fast"] == report["plain"]
     assert (

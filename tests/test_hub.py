@@ -411,6 +411,21 @@ print(json.dumps({
 )
 
 
+def run_remote_code(head: Path, tmp_path: Path) -> dict:
+    """`REMOTE_CODE_SCRIPT`'s report on `head`, run where hf_fastmtp cannot be imported."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REMOTE_CODE_SCRIPT), str(head)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(tmp_path),
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_head_folder_loads_and_generates_without_hf_fastmtp(tmp_path):
     model, head = saved_head(tmp_path)
     files = {path.name for path in head.iterdir()}
@@ -434,17 +449,7 @@ def test_head_folder_loads_and_generates_without_hf_fastmtp(tmp_path):
     assert config["draft_vocab_maps"] == {"en": "vocab/freq_en_60.pt"}
     assert torch.load(head / "vocab" / "freq_en_60.pt").tolist() == list(range(60))
 
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_CODE_SCRIPT), str(head)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(tmp_path),
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_remote_code(head, tmp_path)
     assert report["module"].startswith("transformers_modules.")
     assert report["loaded"] == []
     assert report["cycles"] > 0

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHITECTURES, tiny_fastmtp
+from conftest import ARCHITECTURES, CONFIGURATIONS, configured_fastmtp, tiny_fastmtp
 from safetensors.torch import load_file
 from test_distill import tiny_model_and_tokenizer
 from transformers import GenerationConfig
@@ -235,19 +235,25 @@ def test_recursive_attention_mask_by_hand():
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
 
 
+@pytest.mark.parametrize("configuration", [None, *CONFIGURATIONS])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_training_recursion_equals_drafting(architecture):
+def test_training_recursion_equals_drafting(architecture, configuration):
     """
     The head outputs of every training step equal those of the real drafting loop (`get_candidates`) with the true
     tokens as drafts, over many cycles with various accepted lengths (so the head cache is extended and cropped),
-    past the sliding window of Mistral (16 < sequence length).
+    past the sliding window of Mistral (16 < sequence length); for the one-layer head and every other configuration
+    (random new parts).
     """
-    model = tiny_fastmtp(architecture)
+    model = tiny_fastmtp(architecture) if configuration is None else configured_fastmtp(architecture, configuration)
     length = 48
     torch.manual_seed(1)
     ids = torch.randint(1, model.vocab_size, (1, length))
+
+    def features(token_ids):  # what drafting reads of a base forward (the final hidden states, or several layers')
+        return model.base_features(model.model(token_ids, output_hidden_states=True).hidden_states)
+
     with torch.no_grad():
-        hidden = model.model(ids, output_hidden_states=-1).hidden_states[-1]
+        hidden = features(ids)
         num_pairs = length - 2
         pair_mask = torch.ones(1, num_pairs, dtype=torch.bool)
         trained = recursive_head_outputs(
@@ -266,7 +272,7 @@ def test_training_recursion_equals_drafting(architecture):
     generator._select_draft = true_token_as_draft
     cur_len, accepted, compared = 10, 0, 0
     # Like generate: the prefill's hidden states cover the prompt (cur_len - 1 tokens), a verification's its K + 1.
-    verify_hidden = model.model(ids[:, : cur_len - 1], output_hidden_states=-1).hidden_states[-1]
+    verify_hidden = features(ids[:, : cur_len - 1])
     for cycle in range(12):
         drafted.clear()
         with torch.no_grad():
@@ -282,8 +288,7 @@ def test_training_recursion_equals_drafting(architecture):
             compared += 1
         accepted = (0, 2, 1, 3)[cycle % 4]
         with torch.no_grad():
-            full = model.model(ids[:, : cur_len + NUM_DRAFT_TOKENS], output_hidden_states=-1).hidden_states[-1]
-        verify_hidden = full[:, cur_len - 1 : cur_len + NUM_DRAFT_TOKENS]
+            verify_hidden = features(ids[:, : cur_len + NUM_DRAFT_TOKENS])[:, cur_len - 1 :]
         cur_len += accepted + 1
     assert compared == 12 * NUM_DRAFT_TOKENS and cur_len + NUM_DRAFT_TOKENS < length
 
