@@ -44,12 +44,15 @@ def test_greedy_identical_on_spec_bench(smollm2):
 
 
 def test_batch_of_four_equals_plain_batched_greedy(smollm2):
-    """B = 4 Spec-Bench prompts of different lengths, left-padded: each row equals plain batched greedy decoding."""
+    """
+    B = 4 Spec-Bench prompts of different lengths, left-padded: each row equals plain batched greedy decoding. K is
+    fixed: "auto" weighs measured costs, and on cores shared with other test workers it may rightly not draft.
+    """
     model, tokenizer = smollm2
     inputs = encode_chats(tokenizer, spec_bench_prompts(4))
     assert len(set(inputs["attention_mask"].sum(-1).tolist())) > 1  # padding of different lengths
     plain = model.generate(**inputs, max_new_tokens=96, do_sample=False)
-    fast = model.generate(**inputs, max_new_tokens=96, do_sample=False, fastmtp=True)
+    fast = model.generate(**inputs, max_new_tokens=96, do_sample=False, fastmtp=True, num_draft_tokens=3)
     assert torch.equal(plain, fast)
     stats = model.last_fastmtp_stats
     assert len(stats.rows) == 4 and stats.tau > 1.2 and all(row.cycles > 0 for row in stats.rows)
@@ -78,9 +81,9 @@ def test_the_shipped_head_is_trained_and_routes_by_language(smollm2):
 
     accepted = 0
     for question in spec_bench_prompts(6):
-        model.generate(**encode_chat(tokenizer, question), max_new_tokens=64, fastmtp=True)
+        model.generate(**encode_chat(tokenizer, question), max_new_tokens=64, fastmtp=True, num_draft_tokens=3)
         accepted += model.last_fastmtp_stats.accepted_tokens
-    assert accepted > 0  # an untrained head accepts none (tau 1.00)
+    assert accepted > 0  # an untrained head accepts none (tau 1.00); K fixed, as "auto" may not draft on busy cores
 
     chinese = encode_chat(tokenizer, "请用三句话介绍一下长城的历史。")
     model.generate(**chinese, max_new_tokens=8, fastmtp=True)
