@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import json
 import os
 import tempfile
@@ -47,7 +46,7 @@ from .hub_files import (
 )
 from .mimo import load_mimo, load_mimo_base
 from .model_card import write_model_card
-from .mtp_head import FastMTPHead, head_features
+from .mtp_head import FastMTPHead, head_features, head_rope_layer_type, zero_first_position
 from .speculative_decoding import fastmtp_decoding
 from .stats import FastMTPStats
 from .transformers_compat import (
@@ -680,22 +679,6 @@ def check_fastmtp_call(input_ids: torch.Tensor | None, settings: GenerationConfi
             raise ValueError(f"`{lookup_setting}` must be a positive integer, got {value!r}.")
     if setting("use_cache") is False:
         raise ValueError("fastmtp=True needs the KV cache: do not pass use_cache=False.")
-
-
-def zero_first_position(token_embeddings: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
-    """
-    `token_embeddings` with the pair at position 0 zeroed, as SGLang's and vLLM's MiMo MTP layers do: heads trained
-    and drafting here then compute what those engines compute for them (tests/fixtures/mimo_mtp_engines.json).
-    """
-    return token_embeddings.masked_fill((position_ids == 0).unsqueeze(-1), 0)
-
-
-def head_rope_layer_type(rotary_embedding: nn.Module, base_config) -> str | None:
-    """For bases with one rotary embedding per attention type (Gemma-3): the full-attention one, if the base has it."""
-    if "layer_type" not in inspect.signature(rotary_embedding.forward).parameters:
-        return None
-    layer_types = list(dict.fromkeys(base_config.layer_types))
-    return "full_attention" if "full_attention" in layer_types else layer_types[0]
 
 
 def prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -120,4 +121,20 @@ def head_features(hidden_states: Sequence[torch.Tensor], feature_layers: Sequenc
     return torch.cat([hidden_states[index] for index in feature_layers], dim=-1)
 
 
-__all__ = ["FastMTPHead", "head_features"]
+def zero_first_position(token_embeddings: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+    """
+    `token_embeddings` with the pair at position 0 zeroed, as SGLang's and vLLM's MiMo MTP layers do: heads trained
+    and drafting here then compute what those engines compute for them (tests/fixtures/mimo_mtp_engines.json).
+    """
+    return token_embeddings.masked_fill((position_ids == 0).unsqueeze(-1), 0)
+
+
+def head_rope_layer_type(rotary_embedding: nn.Module, base_config) -> str | None:
+    """For bases with one rotary embedding per attention type (Gemma-3): the full-attention one, if the base has it."""
+    if "layer_type" not in inspect.signature(rotary_embedding.forward).parameters:
+        return None
+    layer_types = list(dict.fromkeys(base_config.layer_types))
+    return "full_attention" if "full_attention" in layer_types else layer_types[0]
+
+
+__all__ = ["FastMTPHead", "head_features", "head_rope_layer_type", "zero_first_position"]
