@@ -30,7 +30,7 @@ from hf_fastmtp.decoding.calibration import (
     load_or_calibrate,
     without_slower_rows,
 )
-from hf_fastmtp.decoding.cpu_kernels import CalibratedLinear, KernelChoice
+from hf_fastmtp.decoding.cpu_kernels import KERNEL_ROWS, CalibratedLinear, KernelChoice
 from hf_fastmtp.decoding.draft_length import DEFAULT_ACCEPTANCE, AutoDraftLength, FixedDraftLength
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,15 +120,17 @@ class FakeClock:
         self.now += seconds
 
 
-# Seconds a product over 1..8 rows takes with each kernel, as the scripted clock reads them.
+# Seconds a product over each of `KERNEL_ROWS` rows (1..8, then a batch's) takes with each kernel, as the scripted
+# clock reads them.
+BATCH_COSTS = [1.0] * (len(KERNEL_ROWS) - 8)
 LINEAR_COSTS = {
-    "stock": [1.0] * 8,
+    "stock": [1.0] * len(KERNEL_ROWS),
     # faster over 1-4 rows; a tie at 5, faster within the margin at 6, slower at 7
-    "weight_first": [0.5, 0.5, 0.5, 0.5, 1.0, 1 - MARGIN / 2, 1.2, 1.0],
-    "prepacked": [0.9, 1.0, 1.0, 0.4, 1.0, 1.0, 1.0, 0.2],
+    "weight_first": [0.5, 0.5, 0.5, 0.5, 1.0, 1 - MARGIN / 2, 1.2, 1.0, *BATCH_COSTS],
+    "prepacked": [0.9, 1.0, 1.0, 0.4, 1.0, 1.0, 1.0, 0.2, 0.5, *BATCH_COSTS[1:]],  # (and faster at 9-12 rows)
 }
 # ... but in a whole verification forward over 3 tokens, the weight-first product turns out slower.
-FORWARD_COSTS = {**LINEAR_COSTS, "weight_first": [0.5, 0.5, 5.0, 0.5, 1.0, 1 - MARGIN / 2, 1.2, 1.0]}
+FORWARD_COSTS = {**LINEAR_COSTS, "weight_first": [0.5, 0.5, 5.0, 0.5, 1.0, 1 - MARGIN / 2, 1.2, 1.0, *BATCH_COSTS]}
 GROUPED_ATTENTION_COSTS = [0.5, 0.5, 0.5, 0.5, 1.0, 1.5, 1.0, 1.0]  # against 1.0 for Transformers' SDPA
 DRAFT_WEIGHT_COSTS = {torch.float32: 1.0, torch.float16: 0.8, torch.int8: 0.5}
 
@@ -148,7 +150,8 @@ def script_costs(
 
     def costed(costs, product):
         def linear_product(kernel, input, weight, *args):
-            clock.advance(costs[kernel][rows(input, weight) - 1] if rows(input, weight) <= 8 else 1.0)
+            n = rows(input, weight)
+            clock.advance(costs[kernel][KERNEL_ROWS.index(n)] if n in KERNEL_ROWS else 1.0)
             return product(kernel, input, weight, *args)
 
         return linear_product
@@ -199,8 +202,9 @@ def test_calibrate_chooses_only_what_its_timings_show_faster(monkeypatch):
     pp = "prepacked" if calibration.prepacking_fits(model.model) else None
     # Row 3 goes back to stock: the whole forward over 3 tokens was slower with the weight-first product.
     wf = "weight_first"
-    expected = (wf, wf, "stock", pp or wf, "stock", "stock", "stock", pp or "stock")
-    assert all(kernels == expected for kernels in measured.choice.linear.values())
+    # Products of more rows than a verification's are chosen on their own timings: prepacked at 9-12 rows.
+    expected = (wf, wf, "stock", pp or wf, "stock", "stock", "stock", pp or "stock", pp or "stock")
+    assert all(kernels == expected + ("stock",) * 5 for kernels in measured.choice.linear.values())
     assert measured.choice.grouped_attention_queries == (1, 2, 4)  # (3 went back, with the linear kernels)
     layers = model.config.text_config.num_hidden_layers
     assert measured.attention_seconds["grouped"] == pytest.approx([layers * s for s in GROUPED_ATTENTION_COSTS])
@@ -220,7 +224,11 @@ def test_calibrate_chooses_only_what_its_timings_show_faster(monkeypatch):
 
 def test_calibrate_keeps_stock_kernels_where_nothing_is_faster(monkeypatch):
     # Ties, wins under the margin, losses.
-    linear = {"stock": [1.0] * 8, "weight_first": [1.0] * 8, "prepacked": [1.0 - MARGIN / 2] * 8}
+    linear = {
+        "stock": [1.0] * len(KERNEL_ROWS),
+        "weight_first": [1.0] * len(KERNEL_ROWS),
+        "prepacked": [1.0 - MARGIN / 2] * len(KERNEL_ROWS),
+    }
     draft_weights = {torch.float32: 1.0, torch.float16: 1.0, torch.int8: 2.0}
     measured, _, _ = scripted_calibration(
         monkeypatch, linear=linear, forward=linear, attention=[1.0] * 8, draft_weights=draft_weights
@@ -262,7 +270,7 @@ def test_format_calibration_shows_every_shape_and_choice(monkeypatch):
     lines = table.splitlines()
     assert measured.key["machine"] in lines[0] and str(measured.key["threads"]) in lines[0]
     for shape, kernels in measured.choice.linear.items():
-        for row, kernel in enumerate(kernels, start=1):
+        for row, kernel in zip(KERNEL_ROWS, kernels, strict=True):
             rows = [line for line in lines if line.startswith(f"| {shape} | {row} |")]
             assert len(rows) == 1 and rows[0].endswith(f"| {kernel} |")
     for n in range(1, CALIBRATED_ROWS + 1):
@@ -495,11 +503,29 @@ def test_auto_drafts_again_after_a_run_of_plain_steps():
 
 def test_auto_costs_draft_steps_as_this_call_measures_them():
     policy = AutoDraftLength([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7], 0.01, [0.6])
+    assert policy.draft_step_cost() == 0.01  # the calibration's, until the call has drafted enough
+    policy.observe_draft_steps(draft_length.OBSERVED_STEPS, draft_length.OBSERVED_STEPS * 2.0)
+    assert policy.draft_step_cost() == 2.0
+    assert policy(stats_with(0, 0, 0)) == 0  # (a draft step that costs two forwards is never worth it)
+
+
+def test_auto_drafts_after_plain_steps_only_where_the_catch_up_is_earned_back():
+    # The best K, 3, yields 2.18 tokens per 1.23 s (rate 1.77) against 1 token per second for plain steps.
+    policy = AutoDraftLength([1.0, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6], 0.01, [0.6], head_share=0.5)
     stats = stats_with(0, 0, 0)
-    assert policy.draft_step_cost(stats) == 0.01  # the calibration's, until the call has drafted enough
-    stats.head_steps, stats.draft_seconds = draft_length.OBSERVED_STEPS, draft_length.OBSERVED_STEPS * 2.0
-    assert policy.draft_step_cost(stats) == 2.0
-    assert policy(stats) == 0  # (a draft step that costs two forwards is never worth it)
+    policy.observe_prefill(100, 10.0)  # 0.1 s per position: the head's estimated 0.05 s per caught-up position
+    assert policy.catch_up_cost(100) == pytest.approx(5.0)
+    assert policy(stats) > 0  # (no catch-up to pay, or no known end: the rates alone)
+    # 100 positions to catch up cost 5 s; 10 tokens left save 10 - 10 / 1.77 ~ 4.3 s, 20 tokens ~ 8.7 s.
+    assert policy(stats, catch_up_positions=100, tokens_left=10) == 0
+    assert policy(stats, catch_up_positions=100, tokens_left=20) > 0
+    # A measured catch-up replaces the estimate: at 0.01 s per position, 10 tokens are enough.
+    policy.observe_catch_up(200, 2.0)
+    assert policy.catch_up_cost(100) == pytest.approx(1.0)
+    assert policy(stats, catch_up_positions=100, tokens_left=10) > 0
+    # A probe after plain steps pays the catch-up too: it never comes where no draft could earn it back.
+    assert not policy.drafting_can_pay(0.01, 1, catch_up_positions=10_000, tokens_left=10)
+    assert all(policy(stats, catch_up_positions=10_000, tokens_left=10) == 0 for _ in range(100))
 
 
 def test_calibrating_leaves_the_random_state_alone(cache):
@@ -559,7 +585,7 @@ def test_greedy_output_is_unchanged_with_a_measured_calibration(architecture, ca
     assert len(measured.forward_seconds) == len(measured.stock_forward_seconds) == CALIBRATED_ROWS
     assert all(0 < ours <= theirs for ours, theirs in zip(measured.forward_seconds, measured.stock_forward_seconds))
     for kernels in measured.choice.linear.values():
-        assert len(kernels) == CALIBRATED_ROWS
+        assert len(kernels) == len(KERNEL_ROWS)
     input_ids = torch.tensor([[5, 9, 2, 7, 5, 9, 3]])
     plain = greedy(model, input_ids)
     for num_draft_tokens in ("auto", 0, 2):
@@ -598,8 +624,8 @@ def test_sampling_distribution_is_preserved_with_auto_draft_length(monkeypatch):
     chosen = Counter()
     choose = draft_length.AutoDraftLength.__call__
 
-    def recording(self, stats: FastMTPStats, batch_size: int = 1) -> int:
-        k = choose(self, stats, batch_size)
+    def recording(self, *args) -> int:
+        k = choose(self, *args)
         chosen[k] += 1
         return k
 

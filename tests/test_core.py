@@ -355,7 +355,7 @@ class ScriptedDraftLength(FixedDraftLength):
         super().__init__(num_draft_tokens=3)
         self.script, self.cycle = script, 0
 
-    def __call__(self, stats, batch_size: int = 1) -> int:
+    def __call__(self, stats, batch_size: int = 1, catch_up_positions: int = 0, tokens_left: int | None = None) -> int:
         self.cycle += 1
         return self.script[(self.cycle - 1) % len(self.script)]
 

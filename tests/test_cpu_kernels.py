@@ -17,6 +17,7 @@ from hf_fastmtp.decoding.calibration import CALIBRATED_ROWS
 from hf_fastmtp.decoding.cpu_kernels import (
     FOLDED_MAX_QUERIES,
     GROUPED_ATTENTION,
+    KERNEL_ROWS,
     PADDED_ROWS,
     CalibratedLinear,
     CPUKernels,
@@ -117,6 +118,24 @@ def test_calibrated_linear_takes_the_kernel_of_each_row_count(monkeypatch):
             hidden = torch.randn(rows, 32)
             torch.testing.assert_close(layer(hidden), linear(hidden))
     assert chosen == [*kernels, "stock", "stock"]
+
+
+def test_calibrated_linear_serves_a_batchs_row_counts_with_the_entry_measured_next_above(monkeypatch):
+    linear = nn.Linear(16, 4)
+    chosen = []
+    product = cpu_kernels.linear_product
+    monkeypatch.setattr(cpu_kernels, "linear_product", lambda name, *args: chosen.append(name) or product(name, *args))
+    # Entries for 1..8 rows, then for up to 12, 16 and 24 rows (the entries after them are not listed: stock).
+    assert KERNEL_ROWS[8:11] == (12, 16, 24)
+    layer = CalibratedLinear(linear, ("stock",) * 8 + ("weight_first", "stock", "weight_first"))
+    with torch.no_grad():
+        for rows in (8, 9, 12, 13, 16, 17, 24, 25, KERNEL_ROWS[-1] + 1):
+            hidden = torch.randn(rows, 16)
+            torch.testing.assert_close(layer(hidden), linear(hidden))
+    assert (
+        chosen
+        == ["stock", "weight_first", "weight_first", "stock", "stock", "weight_first", "weight_first"] + ["stock"] * 2
+    )
 
 
 # ---------------------------------------------------------------------------------------------- CPUKernels

@@ -12,7 +12,9 @@ How it measures: every candidate is timed in turn, interleaved, for a few rounds
 (another process on a core only ever adds time). A candidate other than Transformers' own is chosen only where it
 beat it by `MARGIN`. Then the whole verification forward is timed for n = 1..`CALIBRATED_ROWS` new tokens after a
 `CONTEXT_TOKENS` cache, under the choice and under Transformers' kernels, interleaved: where the choice is not faster
-at n, products of n rows go back to Transformers' kernels, so that no forward runs slower than stock.
+at n, products of n rows go back to Transformers' kernels, so that no forward runs slower than stock. Products of
+more rows than a verification has (`KERNEL_ROWS` up to 64: a batch decoding or verifying) are chosen on their own
+timings, with the same margin.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from transformers.utils.logging import tqdm
 
 from .atomic_files import replaced_atomically
 from .cpu_kernels import (
+    KERNEL_ROWS,
     LINEAR_KERNELS,
     CPUKernels,
     KernelChoice,
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bumped when what is measured changes: older files are measured anew
+FORMAT_VERSION = 2  # bumped when what is measured changes: older files are measured anew
 CALIBRATED_ROWS = 8  # products and forwards are calibrated for 1..8 rows: up to 7 drafts per cycle
 CONTEXT_TOKENS = 256  # the cache a timed verification forward attends over
 MARGIN = 0.03  # a kernel other than Transformers' own must be at least this much faster to be chosen
@@ -296,7 +299,7 @@ def without_slower_rows(
     if not slower:
         return choice
     linear = {
-        shape: tuple("stock" if n in slower else kernel for n, kernel in enumerate(kernels, start=1))
+        shape: tuple("stock" if n in slower else kernel for n, kernel in zip(KERNEL_ROWS, kernels))
         for shape, kernels in choice.linear.items()
     }
     queries = tuple(n for n in choice.grouped_attention_queries if n not in slower)
@@ -332,7 +335,7 @@ def best_rounds(
 
 def measure_linears(model: nn.Module, rounds: int, clock: Clock) -> dict[str, dict[str, list[float]]]:
     """
-    Each float32 linear layer shape, each kernel, each row count 1..`CALIBRATED_ROWS`: seconds for products over
+    Each float32 linear layer shape, each kernel, each row count of `KERNEL_ROWS`: seconds for products over
     the layers of that shape (up to `MEMORY_BOUND_BYTES` of them, so that they are read from memory, as in a forward).
     """
     by_shape: dict[str, list[nn.Linear]] = {}
@@ -346,7 +349,7 @@ def measure_linears(model: nn.Module, rounds: int, clock: Clock) -> dict[str, di
     for shape, layers in by_shape.items():
         packed = [prepack(layer.weight) for layer in layers] if "prepacked" in kernels else [None] * len(layers)
         per_kernel = {kernel: [] for kernel in kernels}
-        for rows in range(1, CALIBRATED_ROWS + 1):
+        for rows in KERNEL_ROWS:
             input = torch.ones(rows, layers[0].in_features)
 
             def products(kernel: str, input=input, layers=layers, packed=packed) -> Callable[[], None]:
@@ -505,10 +508,10 @@ def format_calibration(calibration: Calibration) -> str:
         ]
         lines += ["| --- " * (3 + len(next(iter(calibration.linear_seconds.values())))) + "|"]
         for shape, timings in calibration.linear_seconds.items():
-            rows = len(next(iter(timings.values())))
-            for row, kernel in enumerate(choice.linear.get(shape, ("stock",) * rows), start=1):
-                cells = " | ".join(f"{seconds[row - 1] * 1e3:.3f} ms" for seconds in timings.values())
-                lines.append(f"| {shape} | {row} | {cells} | {kernel} |")
+            kernels = choice.linear.get(shape, ())
+            for entry, rows in enumerate(KERNEL_ROWS[: len(next(iter(timings.values())))]):
+                cells = " | ".join(f"{seconds[entry] * 1e3:.3f} ms" for seconds in timings.values())
+                lines.append(f"| {shape} | {rows} | {cells} | {kernels[entry] if entry < len(kernels) else 'stock'} |")
         lines.append("")
     if calibration.attention_seconds:
         lines += ["| attention, queries | stock | grouped | chosen |", "| --- | --- | --- | --- |"]

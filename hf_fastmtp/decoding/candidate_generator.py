@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList
     from transformers.utils import ModelOutput
 
-    from .draft_length import AutoDraftLength, FixedDraftLength
+    from .draft_length import DraftLength
     from .draft_vocab import DraftVocabulary
     from .modeling_fastmtp import FastMTPForCausalLM
     from .speculative_decoding import RowAlignment
@@ -61,7 +61,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
     def __init__(
         self,
         model: FastMTPForCausalLM,
-        draft_length: FixedDraftLength | AutoDraftLength,
+        draft_length: DraftLength,
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None = None,
         draft_vocabulary: DraftVocabulary | None = None,
@@ -113,6 +113,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         # steps build no mask, as for one unpadded prompt.
         self.masked = False
         self._num_drafted = 0
+        self._prefill_positions = 0
         self._drafted_by_lookup = False
         self._awaiting_prefill = True
         self._clock = time.perf_counter()
@@ -139,9 +140,13 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         A batch's rows are right-aligned (left padding, masked by `attention_mask`); `cur_len` is the longest row's
         own length (without padding added by re-alignment), which `max_length` limits.
         """
+        # The head catches up on a lump (the prompt, or the positions of plain steps) only after a cycle that did not
+        # draft; after one that did, on that cycle's kept tokens, which the cost of drafting includes.
+        catching_up_after_plain_steps = self._num_drafted == 0
         self._num_drafted, self._drafted_by_lookup = 0, False
         if is_first_iteration:  # (the first call precedes the prefill, whose hidden states it needs)
             self._clock = time.perf_counter()
+            self._prefill_positions = input_ids.numel()
             self.active_rows = list(range(input_ids.shape[0]))
             self.masked = input_ids.shape[0] > 1 or (attention_mask is not None and not bool(attention_mask.all()))
             if input_ids.shape[0] > 1:
@@ -159,7 +164,8 @@ class FastMTPCandidateGenerator(CandidateGenerator):
             self.pending_hidden_states.append(model_outputs.hidden_states[-1][:, :num_verified])
         self._pairs_taken = False
         room = self.max_length - (cur_len or input_ids.shape[1]) - 1
-        max_drafts = min(self.draft_length(self.stats, input_ids.shape[0]), room)
+        lump = sum(hidden.shape[1] for hidden in self.pending_hidden_states) if catching_up_after_plain_steps else 0
+        max_drafts = min(self.draft_length(self.stats, input_ids.shape[0], lump * input_ids.shape[0], room + 1), room)
         if max_drafts <= 0:
             self._clock = self._synchronized_time()
             return input_ids, None
@@ -170,9 +176,17 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         else:
             head_output, position_ids = self.caught_up
         self.caught_up = None
+        if lump:
+            caught_up = self._synchronized_time()
+            self.draft_length.observe_catch_up(lump * input_ids.shape[0], caught_up - start)
+            start_of_steps = caught_up
+        else:
+            start_of_steps = start
+        head_steps = self.stats.head_steps
         candidate_ids, draft_logits = self._draft(input_ids, attention_mask, head_output, position_ids, max_drafts)
         self._num_drafted = candidate_ids.shape[1] - input_ids.shape[1]
         self._clock = self._synchronized_time()
+        self.draft_length.observe_draft_steps(self.stats.head_steps - head_steps, self._clock - start_of_steps)
         self.stats.draft_seconds += self._clock - start
         return candidate_ids, draft_logits
 
@@ -342,6 +356,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         if self._awaiting_prefill:
             self._awaiting_prefill = False
             self.stats.prefill_seconds += now - self._clock
+            self.draft_length.observe_prefill(self._prefill_positions, now - self._clock)
             return
         self.stats.verify_seconds += now - self._clock
         self.draft_length.observe(len(self.active_rows or [0]) * (self._num_drafted + 1), now - self._clock)

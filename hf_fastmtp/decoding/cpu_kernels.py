@@ -40,6 +40,10 @@ from .draft_weights import DraftWeight, WeightCopies, draft_linear
 from .transformers_compat import attn_implementation, set_attn_implementation_of_this_config
 
 LINEAR_KERNELS = ("stock", "weight_first", "prepacked")
+# The row counts a layer's kernel choice has an entry for: a verification's 1..8 positions, then what batches reach
+# (B rows decoding, B x (K + 1) verifying); an entry serves the row counts above the one before it, up to its own.
+# More rows than the last (a prefill): Transformers' kernel.
+KERNEL_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64)
 PADDED_ROWS = 4  # the weight-first product pads fewer rows to 4 columns, where MKL's kernel is fastest
 # The attention implementations (Transformers' `AttentionInterface`) `CPUKernels` registers are named this, plus the
 # query counts they serve.
@@ -65,8 +69,8 @@ def shape_name(weight: torch.Tensor) -> str:
 @dataclass(frozen=True)
 class KernelChoice:
     """
-    Which kernel each product takes on this machine: `linear` maps a layer shape (`shape_name`) to the kernel for 1, 2,
-    ... rows (more rows than listed: "stock"); grouped attention serves the query counts listed; draft steps read
+    Which kernel each product takes on this machine: `linear` maps a layer shape (`shape_name`) to a kernel per entry
+    of `KERNEL_ROWS` (entries not listed: "stock"); grouped attention serves the query counts listed; draft steps read
     their weights in `draft_weights` (`DraftWeight`). The default chooses Transformers' own kernels everywhere.
     """
 
@@ -122,8 +126,9 @@ def linear_product(
 
 class CalibratedLinear(nn.Linear):
     """
-    A linear layer's parameters (the same tensors) with a kernel per row count: `kernels[rows - 1]`, Transformers'
-    `F.linear` beyond them. `draft_weight`, on the head's layers, serves the products it can (`DraftWeight.serves`).
+    A linear layer's parameters (the same tensors) with a kernel per row count: one per entry of `KERNEL_ROWS`,
+    Transformers' `F.linear` beyond them. `draft_weight`, on the head's layers, serves the products it can
+    (`DraftWeight.serves`).
     """
 
     def __init__(
@@ -139,6 +144,12 @@ class CalibratedLinear(nn.Linear):
         self.register_parameter("bias", linear.bias)
         self.wrapped = [linear]  # (a list: not registered as a submodule, so the state dict keeps its keys)
         self.kernels = kernels
+        # Row count -> kernel, looked up by index (a forward makes ~200 products).
+        self.kernel_by_rows = ["stock"] + [
+            kernels[entry] if entry < len(kernels) else "stock"
+            for entry, (fewest, most) in enumerate(zip((0, *KERNEL_ROWS), KERNEL_ROWS))
+            for _ in range(fewest + 1, most + 1)
+        ]
         self.packed = packed
         self.draft_weight = draft_weight
 
@@ -147,7 +158,7 @@ class CalibratedLinear(nn.Linear):
         rows = input.numel() // self.in_features
         if self.draft_weight is not None and self.draft_weight.serves(rows):
             return draft_linear(input, self.draft_weight)
-        kernel = self.kernels[rows - 1] if 0 < rows <= len(self.kernels) else "stock"
+        kernel = self.kernel_by_rows[rows] if rows < len(self.kernel_by_rows) else "stock"
         return linear_product(kernel, input, self.weight, self.bias, self.packed)
 
 
@@ -331,6 +342,7 @@ def register_grouped_attention(queries: tuple[int, ...]) -> str:
 
 
 __all__ = [
+    "KERNEL_ROWS",
     "LINEAR_KERNELS",
     "CPUKernels",
     "CalibratedLinear",

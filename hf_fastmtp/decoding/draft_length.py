@@ -8,7 +8,7 @@ The auto policy chooses the K (0 = a plain decoding step) that maximises expecte
 with V(n) the cost of a verification cycle over n new token positions (B is the number of rows a batch still
 decodes): this call's own mean where it has verified n positions, else this machine's `Calibration` (n = 1..8,
 extended linearly by its marginal cost beyond), scaled by what the call measured at the nearest n; D that of a
-draft step (the calibration's at first, then the mean of this call's own steps, which also reflects the draft
+draft step (the calibration's at first, then the mean of this call's own head steps, which also reflects the draft
 vocabulary it drafts over), and a_j the head's acceptance of draft j given drafts 1..j-1 were accepted: the numerator
 is the expected tokens a cycle yields (the base's own token plus each draft, kept only if all before it were). a_j
 starts from the head's measured acceptance (`FastMTPConfig.draft_acceptance`, written by training) and follows the
@@ -17,6 +17,13 @@ cycles of this call, as a running average that starts from that prior. Plain ste
 whether the text has become easier to draft, unless drafting could not pay even if every draft were accepted (a large
 batch, where verification is compute-bound). A batch's first cycle at each batch size is a plain step, which times
 V(B) for the call. The choice reads only past cycles, never a draft, so speculative sampling stays exact.
+
+Drafting after plain steps (or after the prefill) first pays once for the head's catch-up: its cache takes every
+position verified since it last drafted, B x P positions (the whole prompt, the first time). That cost, C = c x B x P
+with c this call's measured cost per caught-up position (before any, estimated from the prefill's cost per position
+and the head's share of the base's layers), must be earned back within the tokens the call has left, R per row:
+drafting starts only if R / rate(K) + C < R / rate(0). It is kept apart from D, which would otherwise take a
+prompt's catch-up for the cost of every step (and, with a large batch and a long prompt, stop drafting for good).
 """
 
 from __future__ import annotations
@@ -40,39 +47,86 @@ PROBE_BUDGET = 0.02
 OBSERVED_STEPS = 8
 
 
-class FixedDraftLength:
+class DraftLength:
+    """What the drafter reports of a call's costs (a fixed K needs none of them)."""
+
+    max_draft_tokens: int
+
+    def __call__(
+        self, stats: FastMTPStats, batch_size: int = 1, catch_up_positions: int = 0, tokens_left: int | None = None
+    ) -> int:
+        raise NotImplementedError
+
+    def observe(self, num_positions: int, seconds: float) -> None:
+        """One verification cycle: `num_positions` (rows x (K + 1)) took `seconds`."""
+
+    def observe_prefill(self, num_positions: int, seconds: float) -> None:
+        """The prefill: `num_positions` (rows x prompt length) took `seconds`."""
+
+    def observe_catch_up(self, num_positions: int, seconds: float) -> None:
+        """A catch-up of the head after plain steps or the prefill: `num_positions` (rows x positions), `seconds`."""
+
+    def observe_draft_steps(self, num_steps: int, seconds: float) -> None:
+        """A cycle's drafting (apart from a catch-up after plain steps): `num_steps` head steps took `seconds`."""
+
+
+class FixedDraftLength(DraftLength):
     """K drafts every cycle."""
 
     def __init__(self, num_draft_tokens: int):
         self.max_draft_tokens = num_draft_tokens
 
-    def __call__(self, stats: FastMTPStats, batch_size: int = 1) -> int:
+    def __call__(
+        self, stats: FastMTPStats, batch_size: int = 1, catch_up_positions: int = 0, tokens_left: int | None = None
+    ) -> int:
         return self.max_draft_tokens
 
-    def observe(self, num_positions: int, seconds: float) -> None:
-        """(A fixed K needs no costs.)"""
 
-
-class AutoDraftLength:
+class AutoDraftLength(DraftLength):
     """The K with the highest expected rate of tokens per second (see the module), re-chosen every cycle."""
 
     def __init__(
-        self, forward_seconds: Sequence[float], draft_step_seconds: float, prior_acceptance: Sequence[float] | None
+        self,
+        forward_seconds: Sequence[float],
+        draft_step_seconds: float,
+        prior_acceptance: Sequence[float] | None,
+        head_share: float = 0.0,
     ):
+        """`head_share`: the head's cost per position as a share of the base's (estimates catch-ups from the
+        prefill until one is measured)."""
         self.forward_seconds = list(forward_seconds)
         self.draft_step_seconds = draft_step_seconds
         self.max_draft_tokens = len(self.forward_seconds) - 1
         prior = list(prior_acceptance or [DEFAULT_ACCEPTANCE])
         # Positions past the recorded ones are assumed as likely as the last recorded one.
         self.prior_acceptance = (prior + prior[-1:] * self.max_draft_tokens)[: self.max_draft_tokens]
+        self.head_share = head_share
         self.plain_steps_in_a_row = 0
         # Verified positions per cycle -> (seconds, cycles) this call measured.
         self.observed: dict[int, tuple[float, int]] = {}
+        # (seconds, count) this call measured: head steps while drafting; positions caught up after plain steps.
+        self.draft_steps = (0.0, 0)
+        self.catch_ups = (0.0, 0)
+        self.prefill_seconds_per_position = 0.0
 
     def observe(self, num_positions: int, seconds: float) -> None:
-        """One verification cycle of this call: `num_positions` (rows x (K + 1)) took `seconds`."""
         total, cycles = self.observed.get(num_positions, (0.0, 0))
         self.observed[num_positions] = (total + seconds, cycles + 1)
+
+    def observe_prefill(self, num_positions: int, seconds: float) -> None:
+        self.prefill_seconds_per_position = seconds / max(num_positions, 1)
+
+    def observe_catch_up(self, num_positions: int, seconds: float) -> None:
+        self.catch_ups = (self.catch_ups[0] + seconds, self.catch_ups[1] + num_positions)
+
+    def observe_draft_steps(self, num_steps: int, seconds: float) -> None:
+        self.draft_steps = (self.draft_steps[0] + seconds, self.draft_steps[1] + num_steps)
+
+    def catch_up_cost(self, num_positions: int) -> float:
+        """C: this call's measured cost per caught-up position, else the prefill's scaled by the head's share."""
+        seconds, positions = self.catch_ups
+        per_position = seconds / positions if positions else self.prefill_seconds_per_position * self.head_share
+        return num_positions * per_position
 
     def acceptance(self, stats: FastMTPStats) -> list[float]:
         """a_j for j = 1..max K: the prior, moved by what this call's cycles accepted at each position."""
@@ -83,11 +137,10 @@ class AutoDraftLength:
             )
         ]
 
-    def draft_step_cost(self, stats: FastMTPStats) -> float:
+    def draft_step_cost(self) -> float:
         """D: the calibration's, until this call has drafted enough steps of its own to tell."""
-        if stats.head_steps < OBSERVED_STEPS:
-            return self.draft_step_seconds
-        return stats.draft_seconds / stats.head_steps
+        seconds, steps = self.draft_steps
+        return seconds / steps if steps >= OBSERVED_STEPS else self.draft_step_seconds
 
     def verification_cost(self, num_positions: int) -> float:
         """V(n): this call's mean at n, else the calibration's, scaled by this call's measure at the nearest n."""
@@ -123,34 +176,54 @@ class AutoDraftLength:
             rates.append(expected_tokens / cost)
         return rates
 
-    def __call__(self, stats: FastMTPStats, batch_size: int = 1) -> int:
+    def __call__(
+        self, stats: FastMTPStats, batch_size: int = 1, catch_up_positions: int = 0, tokens_left: int | None = None
+    ) -> int:
+        """K for the next cycle; `catch_up_positions`: what drafting must first catch up (rows x positions);
+        `tokens_left`: how many tokens a row may still take (None: unbounded)."""
         if batch_size > 1 and batch_size not in self.observed:
             # A batch's plain step is timed before drafts are weighed against it: the calibration timed one row's
             # forwards, which scaled to a batch misjudge what drafts add (a plain step costs what plain decoding does).
             self.plain_steps_in_a_row += 1
             return 0
-        draft_step_seconds = self.draft_step_cost(stats)
+        draft_step_seconds = self.draft_step_cost()
         rates = self.expected_rates(self.acceptance(stats), draft_step_seconds, batch_size)
         k = max(range(len(rates)), key=rates.__getitem__)
-        if k == 0 and self.probe_due(draft_step_seconds, batch_size):
+        if k and not self.earns_back(rates[k], rates[0], catch_up_positions, tokens_left):
+            k = 0
+        if k == 0 and self.probe_due(draft_step_seconds, batch_size, catch_up_positions, tokens_left):
             k = 1
         self.plain_steps_in_a_row = self.plain_steps_in_a_row + 1 if k == 0 else 0
         return k
 
-    def probe_due(self, draft_step_seconds: float, batch_size: int) -> bool:
+    def earns_back(self, rate: float, plain_rate: float, catch_up_positions: int, tokens_left: int | None) -> bool:
+        """Whether drafting at `rate` makes up for its catch-up within the tokens left: R/rate + C < R/plain_rate."""
+        if not catch_up_positions or tokens_left is None:
+            return rate > plain_rate
+        return tokens_left / rate + self.catch_up_cost(catch_up_positions) < tokens_left / plain_rate
+
+    def probe_due(
+        self, draft_step_seconds: float, batch_size: int, catch_up_positions: int = 0, tokens_left: int | None = None
+    ) -> bool:
         """
         After a run of plain steps, whether one cycle should draft a token to re-measure acceptance: when drafting
-        could pay at all, and seldom enough for `PROBE_BUDGET` to cover the probe's extra cost (a batch's costs more).
+        could pay at all, and seldom enough for `PROBE_BUDGET` to cover the probe's extra cost, its catch-up included
+        (a batch's costs more).
         """
         plain_step = self.verification_cost(batch_size)
-        extra = (self.verification_cost(2 * batch_size) + draft_step_seconds - plain_step) / plain_step
-        due_after = max(PROBE_AFTER, math.ceil(extra / PROBE_BUDGET))
-        return self.plain_steps_in_a_row >= due_after and self.drafting_can_pay(draft_step_seconds, batch_size)
+        probe = self.verification_cost(2 * batch_size) + draft_step_seconds + self.catch_up_cost(catch_up_positions)
+        due_after = max(PROBE_AFTER, math.ceil((probe - plain_step) / plain_step / PROBE_BUDGET))
+        return self.plain_steps_in_a_row >= due_after and self.drafting_can_pay(
+            draft_step_seconds, batch_size, catch_up_positions, tokens_left
+        )
 
-    def drafting_can_pay(self, draft_step_seconds: float, batch_size: int) -> bool:
+    def drafting_can_pay(
+        self, draft_step_seconds: float, batch_size: int, catch_up_positions: int = 0, tokens_left: int | None = None
+    ) -> bool:
         """Whether some K beats plain steps even if every draft were accepted (else a probe could only cost)."""
         rates = self.expected_rates([1.0] * self.max_draft_tokens, draft_step_seconds, batch_size)
-        return max(rates[1:], default=0.0) > rates[0]
+        best = max(rates[1:], default=0.0)
+        return best > 0 and self.earns_back(best, rates[0], catch_up_positions, tokens_left)
 
 
-__all__ = ["AutoDraftLength", "FixedDraftLength"]
+__all__ = ["AutoDraftLength", "DraftLength", "FixedDraftLength"]

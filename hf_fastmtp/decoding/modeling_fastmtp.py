@@ -597,8 +597,10 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             return FixedDraftLength(num_draft_tokens)
         if calibration is None:
             return FixedDraftLength(self.config.num_draft_tokens)
+        # A head position costs about one decoder layer per head layer, plus the fusion's projection (about another).
+        head_share = (self.config.num_head_layers + 1) / self.config.text_config.num_hidden_layers
         return AutoDraftLength(
-            calibration.forward_seconds, calibration.draft_step_seconds, self.config.draft_acceptance
+            calibration.forward_seconds, calibration.draft_step_seconds, self.config.draft_acceptance, head_share
         )
 
 
