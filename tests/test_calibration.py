@@ -523,7 +523,12 @@ def test_auto_drafts_after_plain_steps_only_where_the_catch_up_is_earned_back():
     policy.observe_catch_up(200, 2.0)
     assert policy.catch_up_cost(100) == pytest.approx(1.0)
     assert policy(stats, catch_up_positions=100, tokens_left=10) > 0
-    # A probe after plain steps pays the catch-up too: it never comes where no draft could earn it back.
+    # A probe after plain steps is due as often as without a catch-up (waiting only makes the catch-up grow) ...
+    probing = AutoDraftLength([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7], 0.01, [0.1], head_share=0.5)
+    probing.observe_prefill(100, 10.0)
+    chosen = [probing(stats, catch_up_positions=call, tokens_left=1000) for call in range(1, 40)]
+    assert chosen.index(1) == draft_length.PROBE_AFTER
+    # ... unless no draft could earn the catch-up back.
     assert not policy.drafting_can_pay(0.01, 1, catch_up_positions=10_000, tokens_left=10)
     assert all(policy(stats, catch_up_positions=10_000, tokens_left=10) == 0 for _ in range(100))
 

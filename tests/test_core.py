@@ -360,6 +360,49 @@ class ScriptedDraftLength(FixedDraftLength):
         return self.script[(self.cycle - 1) % len(self.script)]
 
 
+class RecordingDraftLength(ScriptedDraftLength):
+    """A scripted K that records what the drafter tells a draft-length policy."""
+
+    def __init__(self, script: list[int]):
+        super().__init__(script)
+        self.calls, self.prefills, self.catch_ups, self.draft_steps = [], [], [], []
+
+    def __call__(self, stats, batch_size: int = 1, catch_up_positions: int = 0, tokens_left: int | None = None) -> int:
+        k = super().__call__(stats, batch_size)
+        self.calls.append((k, catch_up_positions, tokens_left))
+        return k
+
+    def observe_prefill(self, num_positions: int, seconds: float) -> None:
+        self.prefills.append(num_positions)
+
+    def observe_catch_up(self, num_positions: int, seconds: float) -> None:
+        self.catch_ups.append(num_positions)
+
+    def observe_draft_steps(self, num_steps: int, seconds: float) -> None:
+        self.draft_steps.append(num_steps)
+
+
+def test_the_drafter_tells_auto_what_catching_up_costs_and_what_is_left(monkeypatch):
+    model = tiny_fastmtp("llama")
+    policy = RecordingDraftLength([0, 0, 2, 0, 1])
+    monkeypatch.setattr(type(model), "draft_length", lambda self, *args: policy)
+    input_ids = prompt(11)
+    max_new_tokens = 20
+    output = greedy(model, input_ids, max_new_tokens=max_new_tokens, fastmtp=True, num_draft_tokens=3)
+    assert torch.equal(output, greedy(model, input_ids, max_new_tokens=max_new_tokens))
+    assert policy.prefills == [11]
+    ks, catch_ups, tokens_left = zip(*policy.calls)
+    # The prompt's 11 positions, then one more per plain step, until the head drafts and takes them (8+ are timed).
+    assert catch_ups[:3] == (11, 12, 13) and policy.catch_ups[0] == 13
+    for previous_k, catch_up in zip(ks, catch_ups[1:]):
+        assert (catch_up > 0) == (previous_k == 0)  # charged after plain steps only, never after a drafting cycle
+    assert tokens_left[0] == max_new_tokens - 1  # (the prefill made the first token)
+    assert all(left < before for before, left in zip(tokens_left, tokens_left[1:]))
+    # Draft steps are observed for drafting cycles without a catch-up after plain steps (its forward is a step too).
+    drafting_without_lump = [k for k, catch_up, _ in policy.calls if k and not catch_up]
+    assert policy.draft_steps == drafting_without_lump
+
+
 def test_head_cache_catches_up_after_plain_steps(architecture, monkeypatch):
     model = tiny_fastmtp(architecture)
     use_kernels(monkeypatch, "stock", "native")

@@ -176,7 +176,8 @@ def calibration_dir() -> Path:
 
 
 def calibration_path(key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    # (The format is part of the name: an older version of this code, as a head's remote code may be, keeps its own.)
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, key], sort_keys=True).encode()).hexdigest()[:16]
     return calibration_dir() / f"{digest}.json"
 
 

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from .speculative_decoding import RowAlignment
 
 
+# Catch-ups of at least this many positions per row are timed for `auto` (smaller ones cost about a head step,
+# whatever their size, and would overstate the cost per position).
+TIMED_CATCH_UP = 8
+
+
 class FastMTPCandidateGenerator(CandidateGenerator):
     """
     Drafts up to K tokens per cycle with the model's MTP head, applied recursively; `draft_length` says K each cycle.
@@ -165,7 +170,8 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self._pairs_taken = False
         room = self.max_length - (cur_len or input_ids.shape[1]) - 1
         lump = sum(hidden.shape[1] for hidden in self.pending_hidden_states) if catching_up_after_plain_steps else 0
-        max_drafts = min(self.draft_length(self.stats, input_ids.shape[0], lump * input_ids.shape[0], room + 1), room)
+        lump_positions = lump * input_ids.shape[0]
+        max_drafts = min(self.draft_length(self.stats, input_ids.shape[0], lump_positions, room + 1), room)
         if max_drafts <= 0:
             self._clock = self._synchronized_time()
             return input_ids, None
@@ -176,17 +182,14 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         else:
             head_output, position_ids = self.caught_up
         self.caught_up = None
-        if lump:
-            caught_up = self._synchronized_time()
-            self.draft_length.observe_catch_up(lump * input_ids.shape[0], caught_up - start)
-            start_of_steps = caught_up
-        else:
-            start_of_steps = start
+        if lump >= TIMED_CATCH_UP:
+            self.draft_length.observe_catch_up(lump_positions, self._synchronized_time() - start)
         head_steps = self.stats.head_steps
         candidate_ids, draft_logits = self._draft(input_ids, attention_mask, head_output, position_ids, max_drafts)
         self._num_drafted = candidate_ids.shape[1] - input_ids.shape[1]
         self._clock = self._synchronized_time()
-        self.draft_length.observe_draft_steps(self.stats.head_steps - head_steps, self._clock - start_of_steps)
+        if not lump:  # (after a lump, the catch-up's forward was also the first step's)
+            self.draft_length.observe_draft_steps(self.stats.head_steps - head_steps, self._clock - start)
         self.stats.draft_seconds += self._clock - start
         return candidate_ids, draft_logits
 

@@ -207,11 +207,12 @@ class AutoDraftLength(DraftLength):
     ) -> bool:
         """
         After a run of plain steps, whether one cycle should draft a token to re-measure acceptance: when drafting
-        could pay at all, and seldom enough for `PROBE_BUDGET` to cover the probe's extra cost, its catch-up included
-        (a batch's costs more).
+        could pay at all, its catch-up included, and seldom enough for `PROBE_BUDGET` to cover the probe's extra
+        verification and draft step (a batch's cost more). The catch-up does not delay a probe: it only grows while
+        plain steps go on.
         """
         plain_step = self.verification_cost(batch_size)
-        probe = self.verification_cost(2 * batch_size) + draft_step_seconds + self.catch_up_cost(catch_up_positions)
+        probe = self.verification_cost(2 * batch_size) + draft_step_seconds
         due_after = max(PROBE_AFTER, math.ceil((probe - plain_step) / plain_step / PROBE_BUDGET))
         return self.plain_steps_in_a_row >= due_after and self.drafting_can_pay(
             draft_step_seconds, batch_size, catch_up_positions, tokens_left

@@ -29,7 +29,7 @@ from .configuration_fastmtp import (
     resolve_feature_layers,
 )
 from .cpu_kernels import CPUKernels, KernelChoice, is_cpu_float32
-from .draft_length import AutoDraftLength, FixedDraftLength
+from .draft_length import AutoDraftLength, DraftLength, FixedDraftLength
 from .draft_vocab import DraftVocabularies, DraftVocabulary, detect_language, last_user_message, load_vocab_map
 from .draft_weights import draft_linear
 from .generate_with_head import save_custom_generate
@@ -588,17 +588,16 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             self._calibrations[key] = load_or_calibrate(self, remeasure=remeasure)
         return self._calibrations[key]
 
-    def draft_length(
-        self, num_draft_tokens: int | str, calibration: Calibration | None
-    ) -> FixedDraftLength | AutoDraftLength:
+    def draft_length(self, num_draft_tokens: int | str, calibration: Calibration | None) -> DraftLength:
         """K for each cycle: fixed, or "auto" (`AutoDraftLength`) from the calibration's costs and the head's
         measured acceptance; "auto" without a calibration drafts the head's default K."""
         if num_draft_tokens != "auto":
             return FixedDraftLength(num_draft_tokens)
         if calibration is None:
             return FixedDraftLength(self.config.num_draft_tokens)
-        # A head position costs about one decoder layer per head layer, plus the fusion's projection (about another).
-        head_share = (self.config.num_head_layers + 1) / self.config.text_config.num_hidden_layers
+        # A head position costs about one decoder layer per head layer, plus its projections (the fusion's 2H -> H is
+        # about a fifth of a layer; a multi-layer-feature head's adds more): half a layer, on the cautious side.
+        head_share = (self.config.num_head_layers + 0.5) / self.config.text_config.num_hidden_layers
         return AutoDraftLength(
             calibration.forward_seconds, calibration.draft_step_seconds, self.config.draft_acceptance, head_share
         )
