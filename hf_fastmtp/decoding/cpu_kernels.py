@@ -143,7 +143,6 @@ class CalibratedLinear(nn.Linear):
         self.register_parameter("weight", linear.weight)
         self.register_parameter("bias", linear.bias)
         self.wrapped = [linear]  # (a list: not registered as a submodule, so the state dict keeps its keys)
-        self.kernels = kernels
         # Row count -> kernel, looked up by index (a forward makes ~200 products).
         self.kernel_by_rows = ["stock"] + [
             kernels[entry] if entry < len(kernels) else "stock"
