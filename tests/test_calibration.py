@@ -32,6 +32,7 @@ from hf_fastmtp.decoding.calibration import (
 )
 from hf_fastmtp.decoding.cpu_kernels import KERNEL_ROWS, CalibratedLinear, KernelChoice
 from hf_fastmtp.decoding.draft_length import DEFAULT_ACCEPTANCE, AutoDraftLength, FixedDraftLength
+from hf_fastmtp.decoding.prefill import PREFILL_POSITIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -220,6 +221,7 @@ def test_calibrate_chooses_only_what_its_timings_show_faster(monkeypatch):
     per_product = [0.5, 0.5, 1.0, 0.4 if pp else 0.5, 1.0, 1.0, 1.0, 0.2 if pp else 1.0]
     assert measured.forward_seconds == pytest.approx([stock * seconds for seconds in per_product])
     assert measured.draft_step_seconds > 0 and measured.seconds_taken == clock.now
+    assert len(measured.prefill_seconds) == len(PREFILL_POSITIONS) and min(measured.prefill_seconds) > 0
 
 
 def test_calibrate_keeps_stock_kernels_where_nothing_is_faster(monkeypatch):
@@ -241,7 +243,8 @@ def test_calibrate_keeps_stock_kernels_where_nothing_is_faster(monkeypatch):
 def test_calibration_survives_json():
     choice = KernelChoice(linear={"32x32": ("weight_first", "stock")}, grouped_attention_queries=(1, 2))
     forward = [1.0 + n for n in range(CALIBRATED_ROWS)]
-    measured = Calibration({"machine": "x", "shapes": ["32x32"]}, choice, forward, forward, 0.1, {}, {}, {})
+    key = {"machine": "x", "shapes": ["32x32"]}
+    measured = Calibration(key, choice, forward, forward, 0.1, {}, {}, {}, prefill_seconds=[0.1, 0.2, 0.5])
     assert Calibration.from_json(measured.to_json()) == measured
     assert json.loads(measured.to_json())["format"] == calibration.FORMAT_VERSION
 
@@ -252,6 +255,8 @@ def test_calibration_survives_json():
         {"forward_seconds": [1.0]},  # not one per row count
         {"stock_forward_seconds": [float("nan")] * CALIBRATED_ROWS},
         {"draft_step_seconds": -1.0},
+        {"prefill_seconds": [0.1, 0.2]},  # not one per prefill length
+        {"prefill_seconds": [0.1, 0.2, 0.0]},
         {"choice": {"linear": {"32x32": ["fastest"]}, "grouped_attention_queries": [], "draft_weights": "native"}},
         {"choice": {"linear": {}, "grouped_attention_queries": [99], "draft_weights": "native"}},
         {"choice": {"linear": {}, "grouped_attention_queries": [], "draft_weights": "int4"}},
@@ -281,7 +286,8 @@ def test_format_calibration_shows_every_shape_and_choice(monkeypatch):
     one = measured.stock_forward_seconds[0]
     for n, ours in enumerate(measured.forward_seconds, start=1):
         assert verification[n + 1].startswith(f"| {n} | ") and verification[n + 1].endswith(f"| {ours / one:.2f} |")
-    assert "A draft step:" in lines[-1]
+    assert "A draft step:" in lines[-2]
+    assert lines[-1].startswith("A prefill from an empty cache: 16 tokens ")
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -14,7 +14,9 @@ beat it by `MARGIN`. Then the whole verification forward is timed for n = 1..`CA
 `CONTEXT_TOKENS` cache, under the choice and under Transformers' kernels, interleaved: where the choice is not faster
 at n, products of n rows go back to Transformers' kernels, so that no forward runs slower than stock. Products of
 more rows than a verification has (`KERNEL_ROWS` up to 64: a batch decoding or verifying) are chosen on their own
-timings, with the same margin.
+timings, with the same margin. Last, a forward from an empty cache over `PREFILL_POSITIONS` tokens: how a prefill's
+cost grows with its length, from which a batch's prefill is split into groups of similar length where that is cheaper
+(`prefill.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .cpu_kernels import (
     shape_name,
 )
 from .draft_weights import DRAFT_WEIGHT_FORMATS, DraftWeight, draft_linear, int8_kernel_takes
+from .prefill import PREFILL_POSITIONS, ForwardCost, forward_cost
 from .transformers_compat import activate_past_recording, attn_implementation, cache_keyword
 
 if TYPE_CHECKING:
@@ -59,7 +62,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bumped when what is measured changes: older files are measured anew
+FORMAT_VERSION = 3  # bumped when what is measured changes: older files are measured anew
 CALIBRATED_ROWS = 8  # products and forwards are calibrated for 1..8 rows: up to 7 drafts per cycle
 CONTEXT_TOKENS = 256  # the cache a timed verification forward attends over
 MARGIN = 0.03  # a kernel other than Transformers' own must be at least this much faster to be chosen
@@ -86,7 +89,8 @@ class Calibration:
     What was measured on this machine for one model, and what was chosen from it. Seconds are best rounds;
     `forward_seconds[n - 1]` is a verification forward over n new tokens with the kernels chosen (the faster of
     `choice` and Transformers' at that n), `stock_forward_seconds` the same under Transformers' kernels,
-    `draft_step_seconds` one recursive step of the head with a draft vocabulary's worth of lm_head rows.
+    `draft_step_seconds` one recursive step of the head with a draft vocabulary's worth of lm_head rows,
+    `prefill_seconds[i]` a forward over `PREFILL_POSITIONS[i]` tokens from an empty cache (none: not measured).
     """
 
     key: dict[str, Any]
@@ -97,7 +101,12 @@ class Calibration:
     linear_seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     attention_seconds: dict[str, list[float]] = field(default_factory=dict)
     draft_weight_seconds: dict[str, float] = field(default_factory=dict)
+    prefill_seconds: list[float] = field(default_factory=list)
     seconds_taken: float = 0.0
+
+    def prefill_cost(self) -> ForwardCost | None:
+        """Seconds of a forward over n positions from an empty cache (`prefill.forward_cost`); None: not measured."""
+        return forward_cost(self.prefill_seconds) if self.prefill_seconds else None
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT_VERSION, **asdict(self)}, indent=1)
@@ -119,11 +128,12 @@ class Calibration:
 
     def check(self) -> None:
         """Raises ValueError for a calibration that cannot have been measured (a file edited or spoiled)."""
-        seconds = [*self.forward_seconds, *self.stock_forward_seconds, self.draft_step_seconds]
+        seconds = [*self.forward_seconds, *self.stock_forward_seconds, self.draft_step_seconds, *self.prefill_seconds]
         kernels = {kernel for row_kernels in self.choice.linear.values() for kernel in row_kernels}
         if (
             len(self.forward_seconds) != CALIBRATED_ROWS
             or len(self.stock_forward_seconds) != CALIBRATED_ROWS
+            or len(self.prefill_seconds) not in (0, len(PREFILL_POSITIONS))
             or not all(isinstance(s, (int, float)) and 0 < s < math.inf for s in seconds)
             or not kernels <= set(LINEAR_KERNELS)
             or not all(isinstance(n, int) and 1 <= n <= CALIBRATED_ROWS for n in self.choice.grouped_attention_queries)
@@ -233,13 +243,14 @@ def calibrate(
     rounds: int = ROUNDS,
     clock: Clock = time.perf_counter,
 ) -> Calibration:
-    """Measures the kernels (float32 on a CPU), then the verification forwards and a draft step, and chooses."""
+    """Measures the kernels (float32 on a CPU), then the verification forwards, a draft step and prefills, and
+    chooses."""
     start = clock()
     key = key if key is not None else calibration_key(model)
     linear_seconds, attention_seconds, draft_weight_seconds = {}, {}, {}
     choice = KernelChoice()
     cpu_float32 = is_cpu_float32(model.get_output_embeddings().weight)
-    progress = tqdm(total=5 if cpu_float32 else 2, desc="Calibrating", unit="step", leave=False)
+    progress = tqdm(total=6 if cpu_float32 else 3, desc="Calibrating", unit="step", leave=False)
     if cpu_float32:
         linear_seconds = measure_linears(model.model, rounds, clock)
         progress.update()
@@ -259,6 +270,8 @@ def calibrate(
     choice = without_slower_rows(choice, forward_seconds, stock_forward_seconds)
     forward_seconds = [min(pair) for pair in zip(forward_seconds, stock_forward_seconds)]
     draft_step_seconds = measure_draft_step(model, choice, rounds, clock)
+    progress.update()
+    prefill_seconds = measure_prefill(model, choice, rounds, clock)
     progress.close()
     return Calibration(
         key=key,
@@ -269,6 +282,7 @@ def calibrate(
         linear_seconds=linear_seconds,
         attention_seconds=attention_seconds,
         draft_weight_seconds=draft_weight_seconds,
+        prefill_seconds=prefill_seconds,
         seconds_taken=clock() - start,
     )
 
@@ -482,6 +496,30 @@ def measure_draft_step(model: FastMTPForCausalLM, choice: KernelChoice, rounds: 
     return best
 
 
+def measure_prefill(model: FastMTPForCausalLM, choice: KernelChoice, rounds: int, clock: Clock) -> list[float]:
+    """The base's forward over `PREFILL_POSITIONS` tokens from an empty cache, under `choice`: a prompt's prefill."""
+    base = model.model
+    device = model.get_output_embeddings().weight.device
+    if getattr(base.config, "max_position_embeddings", 2**31) < PREFILL_POSITIONS[-1]:
+        return []  # (not measured: prompts are then prefilled as one padded batch)
+    random_ids = torch.randint(model.vocab_size, (1, PREFILL_POSITIONS[-1]), generator=torch.Generator()).to(device)
+    cache_name = cache_keyword(base.forward)
+
+    def forward(n: int) -> Callable[[], None]:
+        return lambda: base(
+            input_ids=random_ids[:, :n], logits_to_keep=1, use_cache=True, **{cache_name: DynamicCache()}
+        )
+
+    with CPUKernels(model, choice):
+        seconds = best_rounds({n: forward(n) for n in PREFILL_POSITIONS}, rounds, synchronized_clock(clock, device))
+    return list(seconds.values())
+
+
+def synchronized_clock(clock: Clock, device: torch.device) -> Clock:
+    """`clock`, read after the accelerator's queued work has finished."""
+    return lambda: synchronized(clock, device)
+
+
 def synchronized(clock: Clock, device: torch.device) -> float:
     """The clock, after the accelerator's queued work has finished."""
     if device.type == "cuda":
@@ -531,6 +569,11 @@ def format_calibration(calibration: Calibration) -> str:
     for n, (stock, ours) in enumerate(zip(calibration.stock_forward_seconds, calibration.forward_seconds), start=1):
         lines.append(f"| {n} | {stock * 1e3:.1f} ms | {ours * 1e3:.1f} ms | {ours / one:.2f} |")
     lines += ["", f"A draft step: {calibration.draft_step_seconds * 1e3:.2f} ms."]
+    if calibration.prefill_seconds:
+        cells = ", ".join(
+            f"{n} tokens {s * 1e3:.1f} ms" for n, s in zip(PREFILL_POSITIONS, calibration.prefill_seconds)
+        )
+        lines.append(f"A prefill from an empty cache: {cells}.")
     return "\n".join(lines)
 
 

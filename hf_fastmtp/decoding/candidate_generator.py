@@ -138,12 +138,14 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         n_last_matches: int = 0,
         attention_mask: torch.Tensor | None = None,
         cur_len: int | None = None,
+        prefill_positions: int | None = None,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         """
         `input_ids` and up to K drafts after each row; when sampling, also the distributions they were drawn from.
         A batch's rows are right-aligned (left padding, masked by `attention_mask`); `cur_len` is the longest row's
-        own length (without padding added by re-alignment), which `max_length` limits.
+        own length (without padding added by re-alignment), which `max_length` limits. `prefill_positions`: the
+        positions the prefill computes, where not every slot (a prefill in groups).
         """
         # The head catches up on a lump (the prompt, or the positions of plain steps) only after a cycle that did not
         # draft; after one that did, on that cycle's kept tokens, which the cost of drafting includes.
@@ -151,7 +153,7 @@ class FastMTPCandidateGenerator(CandidateGenerator):
         self._num_drafted, self._drafted_by_lookup = 0, False
         if is_first_iteration:  # (the first call precedes the prefill, whose hidden states it needs)
             self._clock = time.perf_counter()
-            self._prefill_positions = input_ids.numel()
+            self._prefill_positions = prefill_positions or input_ids.numel()
             self.active_rows = list(range(input_ids.shape[0]))
             self.masked = input_ids.shape[0] > 1 or (attention_mask is not None and not bool(attention_mask.all()))
             if input_ids.shape[0] > 1:

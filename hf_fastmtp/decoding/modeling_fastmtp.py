@@ -575,7 +575,12 @@ class FastMTPForCausalLM(PreTrainedModel, GenerationMixin):
             custom_generate_call(self, generation_config, kwargs) as (generation_config, loop_kwargs),
             CPUKernels(self, choice, draft_modules=self.head),
         ):
-            decoding = functools.partial(fastmtp_decoding, drafter_options=drafter_options, **loop_kwargs)
+            decoding = functools.partial(
+                fastmtp_decoding,
+                drafter_options=drafter_options,
+                prefill_cost=calibration and calibration.prefill_cost(),
+                **loop_kwargs,
+            )
             return super().generate(inputs, generation_config, custom_generate=decoding, **kwargs)
 
     def calibration(self, remeasure: bool = False) -> Calibration | None:

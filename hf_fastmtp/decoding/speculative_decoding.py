@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .candidate_generator import FastMTPCandidateGenerator, extended, positions_of
+from .prefill import ForwardCost, grouped_prefill, plan_prefill
 from .transformers_compat import (
     activate_past_recording,
     cache_keyword,
@@ -50,6 +51,7 @@ def fastmtp_decoding(
     streamer: BaseStreamer | None = None,
     *,
     drafter_options: dict[str, Any],
+    prefill_cost: ForwardCost | None = None,
     **model_kwargs,
 ):
     """
@@ -61,7 +63,9 @@ def fastmtp_decoding(
     argmaxes; sampling: speculative sampling, which keeps the distribution); 4. each row's kept tokens are cut where a
     stopping criterion fires, each criterion called once per token in order, as plain decoding calls them, and finished
     rows leave the batch; 5. the KV caches drop what was computed for rejected drafts, and rows that kept fewer tokens
-    than others are re-aligned (`RowAlignment`). The prefill is a cycle with no drafts.
+    than others are re-aligned (`RowAlignment`). The prefill is a cycle with no drafts; a batch's prompts are
+    prefilled in groups of similar length where `prefill_cost` (seconds of a forward over n positions, measured)
+    says that is cheaper than one padded forward (`prefill.py`).
     `drafter_options` are `FastMTPCandidateGenerator`'s; its stats end up in `model.last_fastmtp_stats`.
     """
     attention_mask = model_kwargs.get("attention_mask")
@@ -84,6 +88,8 @@ def fastmtp_decoding(
     slot_ids, slot_mask = input_ids, attention_mask
     if slot_mask is None and batch_size > 1:
         slot_mask = torch.ones_like(input_ids)
+    prefill = plan_prefill(slot_mask.sum(-1).tolist(), prefill_cost) if batch_size > 1 and prefill_cost else None
+    grouped = prefill is not None and prefill.grouped
     outputs, num_matches, first_cycle = None, 0, True
     while True:
         # 1. Draft: candidate_ids is slot_ids followed by each row's drafts.
@@ -94,6 +100,7 @@ def fastmtp_decoding(
             n_last_matches=num_matches,
             attention_mask=slot_mask,
             cur_len=rows.longest(),
+            prefill_positions=prefill.num_positions if grouped else None,
         )
         num_drafts = candidate_ids.shape[1] - slot_ids.shape[1]
 
@@ -101,14 +108,17 @@ def fastmtp_decoding(
         past_length = cache.get_seq_length()
         new_ids = candidate_ids[:, past_length:]
         verify_mask = None if slot_mask is None else extended(slot_mask, num_drafts)
-        outputs = model.model(
-            input_ids=new_ids,
-            attention_mask=verify_mask,
-            position_ids=positions_of(verify_mask, past_length, new_ids.shape[1], new_ids.device),
-            use_cache=True,
-            logits_to_keep=num_drafts + 1,
-            **forward_options,
-        )
+        if first_cycle and grouped:
+            outputs = grouped_prefill(model.model, prefill, new_ids, verify_mask, cache, forward_options)
+        else:
+            outputs = model.model(
+                input_ids=new_ids,
+                attention_mask=verify_mask,
+                position_ids=positions_of(verify_mask, past_length, new_ids.shape[1], new_ids.device),
+                use_cache=True,
+                logits_to_keep=num_drafts + 1,
+                **forward_options,
+            )
         # Position i's logits choose the token after a row's tokens + drafts[:i]; processors see that prefix.
         verify_logits = outputs.logits[:, -num_drafts - 1 :].to(device=input_ids.device, dtype=torch.float32)
         drafts = candidate_ids[:, slot_ids.shape[1] :]

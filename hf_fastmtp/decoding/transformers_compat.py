@@ -78,6 +78,11 @@ def pad_token_id(generation_config: GenerationConfig) -> int:
     return 0 if pad is None else int(pad.flatten()[0]) if isinstance(pad, torch.Tensor) else int(pad)
 
 
+def layer_states(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`DynamicLayer.keys` / `.values`: each layer's key and value states, (batch, heads, slots, head_dim) each."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def shift_cache_rows(cache, shifts: list[int]) -> None:
     """
     `DynamicLayer.keys` / `.values`: moves row b of every layer right by `shifts[b]` slots, in place, copying only the
@@ -239,6 +244,7 @@ __all__ = [
     "ignoring_unexpected_weights",
     "initialize_weights",
     "last_hidden_state_only",
+    "layer_states",
     "list_as_text_generation_model",
     "pad_token_id",
     "shift_cache_rows",
