@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
-from conftest import tiny_fastmtp
+from conftest import configured_fastmtp, tiny_fastmtp
 from test_batch import greedy, padded_batch
 
 from hf_fastmtp import FastMTPCandidateGenerator
 from hf_fastmtp.decoding import modeling_fastmtp, speculative_decoding
 from hf_fastmtp.decoding.calibration import CALIBRATED_ROWS, Calibration, calibration_key
 from hf_fastmtp.decoding.cpu_kernels import KernelChoice
-from hf_fastmtp.decoding.prefill import PREFILL_POSITIONS, forward_cost, plan_prefill
+from hf_fastmtp.decoding.prefill import PREFILL_POSITIONS, forward_cost, plan_prefill, prompt_spans
 
-LENGTHS = (5, 9, 3, 12, 9, 4)
+# Prompts longer and shorter than the tiny models' sliding window (16).
+LENGTHS = (5, 9, 3, 20, 9, 4, 18)
+GROWING = [float(n) for n in PREFILL_POSITIONS]  # a forward's cost: its positions
+FLAT = [1.0] * len(PREFILL_POSITIONS)
 
 
 def test_forward_cost_interpolates_and_extends_the_measured_forwards():
@@ -21,25 +26,70 @@ def test_forward_cost_interpolates_and_extends_the_measured_forwards():
     assert cost(1) == cost(16) == 1.0  # a forward costs at least the smallest one measured
     assert cost(40) == pytest.approx(1.5) and cost(64) == pytest.approx(2.0) and cost(160) == pytest.approx(4.0)
     assert cost(448) == pytest.approx(10.0)  # past the last: the last segment's slope
+    noisy = forward_cost([1.0, 0.8, 3.0])  # a longer forward timed faster than a shorter one: taken as no cheaper
+    assert noisy(64) == 1.0 and noisy(256) == 3.0
 
 
-def test_a_cost_that_grows_with_positions_groups_equal_lengths():
-    plan = plan_prefill(LENGTHS, lambda positions: positions)
-    assert plan.num_positions == sum(LENGTHS) and plan.grouped  # no padding computed
+def test_a_cost_that_grows_with_positions_computes_no_padding():
+    plan = plan_prefill(LENGTHS, max(LENGTHS), lambda positions: positions)
+    assert plan.num_positions == sum(LENGTHS)
+    assert sorted(row for rows in plan.groups for row in rows) == list(range(len(LENGTHS)))
     for rows, width in zip(plan.groups, plan.widths, strict=True):
         assert width == max(LENGTHS[row] for row in rows)
 
 
-def test_a_flat_cost_keeps_one_padded_forward():
-    plan = plan_prefill(LENGTHS, lambda positions: 1.0)
-    assert plan.groups == [sorted(range(len(LENGTHS)))] and plan.widths == [12] and not plan.grouped
-    assert plan.num_positions == 12 * len(LENGTHS)
+def test_a_flat_cost_keeps_the_padded_forward():
+    assert plan_prefill(LENGTHS, max(LENGTHS), lambda positions: 1.0) is None
 
 
-def test_a_fixed_cost_per_forward_is_weighed_against_the_padding():
-    # 10 per forward, 1 per position: 3 and 4 pad to 4 (saves a forward), 12 stays alone (padding 9s to 12 costs 27).
-    plan = plan_prefill((3, 4, 12), lambda positions: 10 + positions)
-    assert plan.groups == [[0, 1], [2]] and plan.widths == [4, 12]
+def test_columns_of_padding_alone_are_dropped_even_in_one_group():
+    plan = plan_prefill((7, 7), 12, lambda positions: positions)  # (padded to a multiple of 12, say)
+    assert plan.groups == [[0, 1]] and plan.widths == [7]
+
+
+def test_a_gain_under_the_margin_keeps_the_padded_forward():
+    assert plan_prefill((40, 39), 40, lambda positions: positions) is None  # 79 positions for 80: 1% less
+    assert plan_prefill((40, 20), 40, lambda positions: positions) is not None  # 60 for 80
+
+
+def test_the_plan_is_the_cheapest_of_every_grouping():
+    """Against brute force over every partition of the rows, for random lengths and costs growing with positions."""
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(2, 6))]
+        fixed, per_position = rng.uniform(0, 20), rng.uniform(0.1, 2)
+
+        def cost(positions, fixed=fixed, per_position=per_position):
+            return fixed + per_position * positions
+
+        def grouping_cost(groups, lengths=lengths, cost=cost):
+            return sum(cost(len(rows) * max(lengths[row] for row in rows)) for rows in groups)
+
+        cheapest = min(grouping_cost(groups) for groups in partitions(list(range(len(lengths)))))
+        plan = plan_prefill(lengths, max(lengths), cost)
+        padded = cost(len(lengths) * max(lengths))
+        if plan is None:
+            assert cheapest >= 0.97 * padded - 1e-9
+        else:
+            assert grouping_cost(plan.groups) == pytest.approx(cheapest) and cheapest < 0.97 * padded
+
+
+def partitions(items: list) -> list[list[list]]:
+    """Every way to split `items` into non-empty groups."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    result = []
+    for partition in partitions(rest):
+        result.append([[first], *partition])
+        for index in range(len(partition)):
+            result.append([*partition[:index], [first, *partition[index]], *partition[index + 1 :]])
+    return result
+
+
+def test_prompt_spans_start_at_each_rows_first_token():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]])
+    assert prompt_spans(mask) == [2, 4, 3]
 
 
 def with_prefill_costs(monkeypatch, prefill_seconds) -> list:
@@ -77,21 +127,38 @@ def first_drafts(monkeypatch) -> list:
     return drafts
 
 
-def test_grouped_prefill_is_lossless_and_drafts_as_after_a_padded_one(architecture, monkeypatch):
+@pytest.mark.parametrize("head", ["one-layer", "features"])
+def test_grouped_prefill_is_lossless_and_drafts_as_after_a_padded_one(architecture, head, monkeypatch):
     """Rows prefilled apart decode exactly as the padded batch does; the head drafts from the same hidden states."""
-    model = tiny_fastmtp(architecture, sharpness=3.0)
+    if head == "one-layer":
+        model = tiny_fastmtp(architecture, sharpness=3.0)
+    else:  # (a head reading several layers: every layer's hidden states are put back in place)
+        model = configured_fastmtp(architecture, "features", sharpness=3.0)
     batch = padded_batch(LENGTHS)
     plain = greedy(model, batch, max_new_tokens=24)
     drafts = first_drafts(monkeypatch)
-    plans = with_prefill_costs(monkeypatch, [float(n) for n in PREFILL_POSITIONS])
+    plans = with_prefill_costs(monkeypatch, GROWING)
     grouped = greedy(model, batch, max_new_tokens=24, fastmtp=True)
-    assert len(plans) == 1 and plans[0].grouped and plans[0].num_positions < len(LENGTHS) * max(LENGTHS)
+    assert len(plans) == 1 and len(plans[0].groups) > 1 and plans[0].num_positions < len(LENGTHS) * max(LENGTHS)
     assert torch.equal(grouped, plain)
-    with_prefill_costs(monkeypatch, [1.0] * len(PREFILL_POSITIONS))  # a flat cost: one padded forward
+    with_prefill_costs(monkeypatch, FLAT)  # one padded forward
     model.calibration(remeasure=True)
     padded = greedy(model, batch, max_new_tokens=24, fastmtp=True)
     assert len(plans) == 1 and torch.equal(padded, plain)  # (no second plan: the padded forward ran)
     assert len(drafts) == 2 and torch.equal(drafts[0], drafts[1])
+
+
+def test_masked_slots_inside_a_prompt_and_columns_of_padding(monkeypatch):
+    """A row with a masked slot inside its prompt, and a batch padded wider than its longest prompt."""
+    model = tiny_fastmtp("llama", sharpness=3.0)
+    batch = padded_batch((20, 40, 30))
+    batch["attention_mask"][1, -5] = 0
+    wide = {name: torch.nn.functional.pad(tensor, (3, 0)) for name, tensor in batch.items()}
+    plans = with_prefill_costs(monkeypatch, GROWING)
+    for inputs in (batch, wide):
+        plain = greedy(model, inputs, max_new_tokens=12)
+        assert torch.equal(greedy(model, inputs, max_new_tokens=12, fastmtp=True), plain)
+    assert [plan.num_positions for plan in plans] == [20 + 40 + 30] * 2  # (the masked slot counted, as computed)
 
 
 def test_the_drafter_is_told_the_positions_a_grouped_prefill_computed(monkeypatch):
@@ -106,7 +173,7 @@ def test_the_drafter_is_told_the_positions_a_grouped_prefill_computed(monkeypatc
         return original(generator, input_ids, **kwargs)
 
     monkeypatch.setattr(FastMTPCandidateGenerator, "get_candidates", get_candidates)
-    plans = with_prefill_costs(monkeypatch, [float(n) for n in PREFILL_POSITIONS])
+    plans = with_prefill_costs(monkeypatch, GROWING)
     greedy(model, padded_batch(LENGTHS), max_new_tokens=4, fastmtp=True)
     greedy(model, padded_batch(LENGTHS[:1]), max_new_tokens=4, fastmtp=True)  # one row: no plan
     assert len(plans) == 1 and observed == [plans[0].num_positions, None]

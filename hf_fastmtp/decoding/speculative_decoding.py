@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .candidate_generator import FastMTPCandidateGenerator, extended, positions_of
-from .prefill import ForwardCost, grouped_prefill, plan_prefill
+from .prefill import ForwardCost, grouped_prefill, plan_prefill, prompt_spans
 from .transformers_compat import (
     activate_past_recording,
     cache_keyword,
@@ -88,8 +88,9 @@ def fastmtp_decoding(
     slot_ids, slot_mask = input_ids, attention_mask
     if slot_mask is None and batch_size > 1:
         slot_mask = torch.ones_like(input_ids)
-    prefill = plan_prefill(slot_mask.sum(-1).tolist(), prefill_cost) if batch_size > 1 and prefill_cost else None
-    grouped = prefill is not None and prefill.grouped
+    prefill = None  # (a plan of groups, where cheaper than one padded forward)
+    if batch_size > 1 and prefill_cost is not None:
+        prefill = plan_prefill(prompt_spans(slot_mask), slot_mask.shape[1], prefill_cost)
     outputs, num_matches, first_cycle = None, 0, True
     while True:
         # 1. Draft: candidate_ids is slot_ids followed by each row's drafts.
@@ -100,7 +101,7 @@ def fastmtp_decoding(
             n_last_matches=num_matches,
             attention_mask=slot_mask,
             cur_len=rows.longest(),
-            prefill_positions=prefill.num_positions if grouped else None,
+            prefill_positions=prefill and prefill.num_positions,
         )
         num_drafts = candidate_ids.shape[1] - slot_ids.shape[1]
 
@@ -108,7 +109,7 @@ def fastmtp_decoding(
         past_length = cache.get_seq_length()
         new_ids = candidate_ids[:, past_length:]
         verify_mask = None if slot_mask is None else extended(slot_mask, num_drafts)
-        if first_cycle and grouped:
+        if first_cycle and prefill is not None:
             outputs = grouped_prefill(model.model, prefill, new_ids, verify_mask, cache, forward_options)
         else:
             outputs = model.model(

@@ -219,6 +219,10 @@ def check_transformers_internals() -> list[str]:
     fields = GenerateDecoderOnlyOutput.__dataclass_fields__
     if "cache" not in fields and "past_key_values" not in fields:
         problems.append(f"GenerateDecoderOnlyOutput has neither `cache` nor `past_key_values` in {version}")
+    from transformers.cache_utils import DynamicLayer
+
+    if not all(hasattr(DynamicLayer(), name) for name in ("keys", "values")):
+        problems.append(f"DynamicLayer.keys / .values are gone in {version}")
     generate_parameters = inspect.signature(transformers.GenerationMixin.generate).parameters
     if "custom_generate" not in generate_parameters:
         problems.append(f"GenerationMixin.generate takes no `custom_generate` in {version}")
