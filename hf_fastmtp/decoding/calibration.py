@@ -511,7 +511,9 @@ def measure_prefill(model: FastMTPForCausalLM, choice: KernelChoice, rounds: int
         )
 
     with CPUKernels(model, choice):
-        seconds = best_rounds({str(n): forward(n) for n in PREFILL_POSITIONS}, rounds, synchronized_clock(clock, device))
+        seconds = best_rounds(
+            {str(n): forward(n) for n in PREFILL_POSITIONS}, rounds, synchronized_clock(clock, device)
+        )
     return list(seconds.values())
 
 
