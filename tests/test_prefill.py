@@ -177,3 +177,18 @@ def test_the_drafter_is_told_the_positions_a_grouped_prefill_computed(monkeypatc
     greedy(model, padded_batch(LENGTHS), max_new_tokens=4, fastmtp=True)
     greedy(model, padded_batch(LENGTHS[:1]), max_new_tokens=4, fastmtp=True)  # one row: no plan
     assert len(plans) == 1 and observed == [plans[0].num_positions, None]
+
+
+def test_sampling_after_a_grouped_prefill_draws_what_a_padded_one_does(monkeypatch):
+    """The same logits after either prefill: with the same seed, the same samples (sampling's exactness per row is
+    `test_batch.test_sampling_distribution_is_exact_per_row`'s)."""
+    model = tiny_fastmtp("qwen2", sharpness=3.0)
+    batch = padded_batch(LENGTHS)
+    samples = []
+    for prefill_seconds in (GROWING, FLAT):
+        plans = with_prefill_costs(monkeypatch, prefill_seconds)
+        model.calibration(remeasure=True)
+        torch.manual_seed(0)
+        samples.append(model.generate(**batch, do_sample=True, max_new_tokens=16, pad_token_id=0, fastmtp=True))
+        assert len(plans) == (prefill_seconds is GROWING)
+    assert torch.equal(samples[0], samples[1])
