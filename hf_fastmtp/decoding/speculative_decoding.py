@@ -91,6 +91,7 @@ def fastmtp_decoding(
     prefill = None  # (a plan of groups, where cheaper than one padded forward)
     if batch_size > 1 and prefill_cost is not None:
         prefill = plan_prefill(prompt_spans(slot_mask), slot_mask.shape[1], prefill_cost)
+    prefill_positions = None if prefill is None else prefill.num_positions
     outputs, num_matches, first_cycle = None, 0, True
     while True:
         # 1. Draft: candidate_ids is slot_ids followed by each row's drafts.
@@ -101,7 +102,7 @@ def fastmtp_decoding(
             n_last_matches=num_matches,
             attention_mask=slot_mask,
             cur_len=rows.longest(),
-            prefill_positions=prefill and prefill.num_positions,
+            prefill_positions=prefill_positions,
         )
         num_drafts = candidate_ids.shape[1] - slot_ids.shape[1]
 
