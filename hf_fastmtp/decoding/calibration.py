@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.utils import is_torch_greater_or_equal
 from transformers.utils.logging import tqdm
 
+from .appending_cache import append_in_place
 from .atomic_files import replaced_atomically
 from .cpu_kernels import (
     KERNEL_ROWS,
@@ -457,7 +458,8 @@ def measure_verification(
     # (a generator of its own: calibrating must not move the RNG a seeded sampling call goes on with)
     random_ids = torch.randint(model.vocab_size, (1, context + CALIBRATED_ROWS), generator=torch.Generator())
     ids = random_ids.to(device)
-    cache = DynamicCache(config=base.config)
+    # (the loop's kind of cache: a forward's cost includes the cache's update)
+    cache = append_in_place(DynamicCache(config=base.config), capacity=context + CALIBRATED_ROWS)
     activate_past_recording(cache, CALIBRATED_ROWS)  # (sliding-window layers must be able to go back)
     cache_kwargs = {cache_keyword(base.forward): cache, "use_cache": True}
     seconds = {"choice": [math.inf] * CALIBRATED_ROWS, "stock": [math.inf] * CALIBRATED_ROWS}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from .appending_cache import append_in_place, appending_cache
 from .candidate_generator import FastMTPCandidateGenerator, extended, positions_of
 from .prefill import ForwardCost, grouped_prefill, plan_prefill, prompt_spans
 from .transformers_compat import (
@@ -74,7 +75,8 @@ def fastmtp_decoding(
     drafter = FastMTPCandidateGenerator(
         model, generation_config=generation_config, logits_processor=logits_processor, **drafter_options
     )
-    cache = decoding_cache(model, generation_cache(model_kwargs), batch_size)
+    capacity = generation_config.max_length + drafter.num_drafting_tokens
+    cache = decoding_cache(model, generation_cache(model_kwargs), batch_size, capacity)
     activate_past_recording(cache, drafter.num_drafting_tokens)
     forward_options = {
         cache_keyword(model.model.forward): cache,
@@ -325,16 +327,19 @@ class RowAlignment:
             shift_cache_rows(cache, self.shifts)
 
 
-def decoding_cache(model: FastMTPForCausalLM, cache: Cache | None, batch_size: int) -> Cache:
+def decoding_cache(model: FastMTPForCausalLM, cache: Cache | None, batch_size: int, capacity: int) -> Cache:
     """
-    The base's KV cache for the loop: `generate()`'s for one row. A batch moves rows between cycles, which needs every
+    The base's KV cache for the loop, appending in place (`appending_cache.py`) where it starts empty; `capacity`: the
+    most slots it will hold. For one row, `generate()`'s cache. A batch moves rows between cycles, which needs every
     slot kept: a cache without sliding-window layers (the masks still apply the window).
     """
     if batch_size == 1:
-        return cache if cache is not None else DynamicCache(config=model.config.text_config)
+        if cache is None:
+            cache = DynamicCache(config=model.config.text_config)
+        return append_in_place(cache, capacity) if isinstance(cache, DynamicCache) else cache
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("fastmtp=True with a batch starts from an empty cache: drop the `past_key_values` passed.")
-    return DynamicCache()
+    return appending_cache(capacity)
 
 
 def process_logits(

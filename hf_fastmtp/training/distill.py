@@ -43,6 +43,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ..decoding.appending_cache import append_in_place
 from ..decoding.transformers_compat import cache_keyword
 from ..jsonl import append_rows, iter_rows, read_json, read_rows, write_json, write_rows
 from ..prompt_sources import DEFAULT_SOURCE_OPTIONS, SourceOptions, read_prompts, with_languages
@@ -577,7 +578,7 @@ def _answer(
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     # Positions count real tokens only, as in `generate`, so a left-padded row sees the positions it would alone.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    cache = DynamicCache(config=model.config)
+    cache = append_in_place(DynamicCache(config=model.config), capacity=width + max_new_tokens)
     cache_kwargs = {cache_keyword(model.forward): cache}
     eos_set = set(eos_ids)
     responses: list[list[int]] = [[] for _ in batch]
