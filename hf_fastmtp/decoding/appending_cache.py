@@ -46,15 +46,16 @@ class AppendingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _holds_views(self) -> bool:
-        """Whether `keys` / `values` are still the first slots of the buffers (no other method replaced them)."""
+        """
+        Whether `keys` / `values` are still the first slots of the buffers (no other method replaced them). A tensor
+        that starts where a live buffer starts shares its memory, so its dtype and device too.
+        """
         if self._buffers is None:
             return False
         return all(
             states.data_ptr() == buffer.data_ptr()
             and states.shape[:2] == buffer.shape[:2]
             and states.stride() == buffer.stride()
-            and states.dtype == buffer.dtype
-            and states.device == buffer.device
             for states, buffer in zip((self.keys, self.values), self._buffers)
         )
 
